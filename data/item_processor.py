@@ -1,0 +1,202 @@
+"""One conversation item -> (tokens, labels), token for token as Lumina-mGPT builds them.
+
+    tok = ChameleonTokenizer.from_bundle(bundle_dir)
+    proc = ItemProcessor(tok, target_size=512)
+    tokens, labels = proc.process_item({"conversations": [{"from": "human", "value": "<|image|> What is this?"},
+                                                         {"from": "gpt", "value": "A cat."}],
+                                        "image": ["cat.jpg"]}, base_dir=Path("data"))
+
+The sequence (DESIGN "One training sequence"): ``<s>`` once, then each turn's message followed by
+``<reserved08706>``, no EOS, no role names. Labels are -100 except on assistant turns (their ids including
+the trailing ``<reserved08706>``). Each ``<|image|>`` in a message is replaced by the image's block
+(``<racm3:break>``, height and width size tokens, rows of codes each ending in ``<reserved08799>``,
+``<eoss>``), labelled exactly when the marker is in an assistant turn; the text on each side of a marker is
+encoded as written. With images but no marker, ``"<|image|> "`` per image goes in front of the first turn.
+
+Pre-tokenization runs in two steps so the VQGAN can batch images across items on one device:
+``prepare`` (worker processes: validation, text encoding, image loading and preprocessing; no VQGAN) and
+``assemble`` (splices the codes in). ``process_item`` does both for one item.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data.image_preprocess import ImageLoadError, crop_sizes, load_image, preprocess_image
+from data.records import IGNORE_INDEX
+from model.tokenizer_bundle import EOT, ChameleonTokenizer
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<|image|>"
+HUMAN_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+class ItemError(ValueError):
+    """An item that cannot become a training sequence; the message says what is wrong with it."""
+
+
+@dataclass
+class PreparedItem:
+    """An item with its text encoded and its images preprocessed, waiting for VQ codes. Picklable.
+
+    Image ``k``'s block goes between ``segments[k]`` and ``segments[k + 1]``.
+    """
+
+    segments: list[list[int]]
+    segment_labels: list[list[int]]
+    images: list[np.ndarray] = field(default_factory=list)  # float32 [3, H, W] in [-1, 1]
+    image_labelled: list[bool] = field(default_factory=list)
+    image_sources: list[str] = field(default_factory=list)  # path, or "<N bytes>", for messages
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) in pixels of each image."""
+        return [(int(im.shape[1]), int(im.shape[2])) for im in self.images]
+
+    def num_tokens(self) -> int:
+        """Length of the assembled sequence."""
+        return (sum(len(s) for s in self.segments)
+                + sum(ChameleonTokenizer.image_block_len(h, w) for h, w in self.image_sizes))
+
+
+def _role(msg, i: int) -> str:
+    if not isinstance(msg, dict):
+        raise ItemError(f"conversations[{i}] must be an object with 'from' and 'value', got {type(msg).__name__}")
+    if "from" not in msg or "value" not in msg:
+        raise ItemError(f"conversations[{i}] needs both 'from' and 'value', has {sorted(msg)}")
+    who = msg["from"]
+    if not isinstance(who, str) or who.lower() not in HUMAN_ROLES + ASSISTANT_ROLES:
+        raise ItemError(f"conversations[{i}]: unknown role {who!r}; expected one of "
+                        f"{', '.join(HUMAN_ROLES)} (human side) or {', '.join(ASSISTANT_ROLES)} (assistant side)")
+    if not isinstance(msg["value"], str):
+        raise ItemError(f"conversations[{i}] ({who}): 'value' must be a string, got {type(msg['value']).__name__}")
+    return "human" if who.lower() in HUMAN_ROLES else "assistant"
+
+
+def _image_entries(item: dict) -> list:
+    raw = item.get("image")
+    if raw is None:
+        return []
+    entries = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    for k, e in enumerate(entries):
+        if not isinstance(e, (str, os.PathLike, bytes, bytearray, memoryview)):
+            raise ItemError(f"image {k}: expected a path or encoded image bytes, got {type(e).__name__}")
+    return entries
+
+
+class ItemProcessor:
+    """Lumina-mGPT's item processing with a ChameleonTokenizer; ``target_size`` as Lumina's (512/768/1024)."""
+
+    def __init__(self, tokenizer: ChameleonTokenizer, target_size: int = 512):
+        self.tokenizer = tokenizer
+        self.target_size = target_size
+        sizes = crop_sizes(target_size)
+        # Fail at start-up, not on the first unusual aspect ratio, if the vocabulary lacks a size token.
+        for n in sorted({s // 32 for wh in sizes for s in wh}):
+            tokenizer.size_token_id(n)
+
+    # ------------------------------------------------------------------------------------- prepare
+
+    def prepare(self, item: dict, base_dir: str | os.PathLike | None = None) -> PreparedItem:
+        """Validates the conversation, encodes its text, loads and preprocesses its images (no VQGAN)."""
+        if not isinstance(item, dict):
+            raise ItemError(f"an item must be an object with 'conversations', got {type(item).__name__}")
+        conv = item.get("conversations")
+        if conv is None:
+            raise ItemError(f"item has no 'conversations' (keys: {sorted(item)})")
+        if not isinstance(conv, list):
+            raise ItemError(f"'conversations' must be a list of messages, got {type(conv).__name__}")
+        if not conv:
+            raise ItemError("empty conversation: 'conversations' has no messages")
+        roles = []
+        for i, msg in enumerate(conv):
+            role = _role(msg, i)
+            expected = "human" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise ItemError(f"roles must alternate human, assistant, human, ... starting with human: "
+                                f"conversations[{i}] is {msg['from']!r} (a {role} turn) where a {expected} "
+                                f"turn belongs")
+            roles.append(role)
+        values = [msg["value"] for msg in conv]
+
+        images = _image_entries(item)
+        n_markers = sum(v.count(IMAGE_MARKER) for v in values)
+        if n_markers == 0 and images:
+            values[0] = (IMAGE_MARKER + " ") * len(images) + values[0]
+        elif n_markers != len(images):
+            raise ItemError(f"{n_markers} {IMAGE_MARKER} placeholder(s) in the conversation but "
+                            f"{len(images)} image(s) given")
+
+        assistant = [v for v, r in zip(values, roles) if r == "assistant"]
+        if not assistant:
+            raise ItemError("nothing to train on: the conversation has no assistant (gpt/assistant) turn")
+        if all(not v.strip() for v in assistant):
+            raise ItemError("nothing to train on: every assistant turn is empty")
+
+        segments, seg_labels, image_labelled = [[self.tokenizer.bos_id]], [[IGNORE_INDEX]], []
+        for value, role in zip(values, roles):
+            labelled = role == "assistant"
+            parts = value.split(IMAGE_MARKER)
+            for j, part in enumerate(parts):
+                last = j == len(parts) - 1
+                # The end-of-turn token is encoded with the text, as in Lumina's one-string encoding; the
+                # tokenizer splits at added tokens first, so this equals encoding the whole conversation.
+                ids = self.tokenizer.encode_text(part + EOT if last else part)
+                segments[-1].extend(ids)
+                seg_labels[-1].extend(ids if labelled else [IGNORE_INDEX] * len(ids))
+                if not last:
+                    image_labelled.append(labelled)
+                    segments.append([])
+                    seg_labels.append([])
+
+        pixels, sources = [], []
+        for k, entry in enumerate(images):
+            if isinstance(entry, (bytes, bytearray, memoryview)):
+                label, src = f"<{len(entry)} bytes>", entry
+            else:
+                path = Path(entry)
+                if base_dir is not None and not path.is_absolute():
+                    path = Path(base_dir) / path
+                label, src = str(path), path
+            try:
+                pixels.append(preprocess_image(load_image(src, name=label), self.target_size))
+            except ImageLoadError as e:
+                raise ItemError(f"image {k} cannot be used: {e}") from e
+            sources.append(label)
+        return PreparedItem(segments=segments, segment_labels=seg_labels, images=pixels,
+                            image_labelled=image_labelled, image_sources=sources)
+
+    # ------------------------------------------------------------------------------------ assemble
+
+    def assemble(self, prepared: PreparedItem,
+                 codes: Sequence[np.ndarray | torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Splices image blocks built from ``codes[k]`` ([H/16, W/16] per image) into the text."""
+        if len(codes) != len(prepared.images):
+            raise ItemError(f"{len(prepared.images)} image(s) in the item but {len(codes)} code grid(s) given")
+        tokens, labels = list(prepared.segments[0]), list(prepared.segment_labels[0])
+        for k, (c, (h, w)) in enumerate(zip(codes, prepared.image_sizes)):
+            c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
+            if c.shape != (h // 16, w // 16):
+                raise ItemError(f"image {k} ({prepared.image_sources[k]}) is {h}x{w} px, so it needs "
+                                f"{h // 16}x{w // 16} codes, got {c.shape}")
+            block = self.tokenizer.image_block(c)
+            tokens += block
+            labels += block if prepared.image_labelled[k] else [IGNORE_INDEX] * len(block)
+            tokens += prepared.segments[k + 1]
+            labels += prepared.segment_labels[k + 1]
+        return tokens, labels
+
+    def process_item(self, item: dict, base_dir: str | os.PathLike | None = None) -> tuple[list[int], list[int]]:
+        """prepare + VQGAN encoding of the item's images + assemble."""
+        prepared = self.prepare(item, base_dir)
+        codes = self.tokenizer.encode_images(prepared.images) if prepared.images else []
+        return self.assemble(prepared, codes)
