@@ -1,0 +1,215 @@
+"""The CPU half of pre-tokenization in worker processes: decode + preprocess images, encode text.
+
+``prepare_stream(processor, items, base_dir, num_workers)`` turns input items (in id order) into
+:class:`Prepared` results in the same order. With ``num_workers > 0`` the items go to a process pool in
+small chunks, a bounded number ahead of the consumer, so memory stays flat and the work overlaps the
+VQGAN encode in the main process. Every failure is a per-item result, never an exception:
+
+- an item the processor rejects (``ItemError``, an unreadable image) -> its message;
+- any other exception raised while preparing an item -> ``"{type}: {message}"`` (reason ``unexpected``);
+- a worker process that dies (a segfault in an image decoder, the OOM killer): the pool is rebuilt and
+  the items that were in flight are re-run one at a time, so exactly the item that kills a worker is
+  rejected (reason ``crash``) and all others come back as usual.
+
+Messages and reasons depend only on the item, so the output is the same for any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from data.image_preprocess import ImageLoadError
+from data.input_formats import InputItem
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 4             # items per task sent to a worker: amortises IPC without hurting order latency
+AHEAD_PER_WORKER = 4  # chunks in flight per worker (bounds memory: prepared images wait in the pipe)
+CRASH_MESSAGE = ("the worker process died while preparing this item (a crash in an image decoder, or "
+                 "out of memory); the item was retried alone and killed its worker again")
+
+
+@dataclass
+class Prepared:
+    """The result for one input item: ``prepared`` (the processor's PreparedItem) or ``error``."""
+
+    item: InputItem
+    prepared: Any = None
+    error: str | None = None
+    reason: str | None = None
+
+
+def classify(exc: BaseException) -> str:
+    """Short reason for the summary: image, conversation (roles, markers, shape), unexpected."""
+    from data.item_processor import ItemError
+
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(c, ImageLoadError) for c in chain):
+        return "image"
+    if isinstance(exc, ItemError):
+        return "conversation"
+    return "unexpected"
+
+
+def prepare_one(processor, it: InputItem, base_dir: Path | None) -> Prepared:
+    if it.error is not None:
+        return Prepared(it, error=it.error, reason="input")
+    try:
+        return Prepared(it, prepared=processor.prepare(it.item, base_dir))
+    except Exception as e:  # a bad item must never stop the run; it is reported with its reason
+        from data.item_processor import ItemError
+
+        reason = classify(e)
+        msg = str(e) if isinstance(e, (ItemError, ImageLoadError)) else f"{type(e).__name__}: {e}"
+        return Prepared(it, error=f"{it.where}: {msg}", reason=reason)
+
+
+# Worker-process state, set by the pool initializer.
+_processor = None
+_base_dir: Path | None = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive a killed parent: it would keep the rank's lock (inherited by fork) and
+    block the re-run. Linux: PR_SET_PDEATHSIG; elsewhere the pool's own shutdown has to do."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(processor, base_dir: Path | None, parent_pid: int) -> None:
+    global _processor, _base_dir
+    _die_with_parent(parent_pid)
+    _processor, _base_dir = processor, base_dir
+    try:  # workers do PIL/numpy/BPE work; keep any torch use in them single-threaded
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _prepare_chunk(chunk: list[InputItem]) -> list[tuple]:
+    # The input item itself is not sent back (the parent has it; webdataset images are large).
+    out = []
+    for it in chunk:
+        p = prepare_one(_processor, it, _base_dir)
+        out.append((p.prepared, p.error, p.reason))
+    return out
+
+
+def _attach(chunk: list[InputItem], results: list[tuple]) -> list[Prepared]:
+    return [Prepared(it, *r) for it, r in zip(chunk, results)]
+
+
+class _Pool:
+    def __init__(self, processor, base_dir: Path | None, workers: int):
+        self.args = (processor, base_dir, os.getpid())
+        self.workers = workers
+        self.ex = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        # fork: workers start in milliseconds and inherit the processor (text tokenizer) without pickling.
+        # They never touch torch/CUDA state, which is what makes forking a process with threads unsafe.
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self.args)
+
+    def rebuild(self) -> None:
+        self.ex.shutdown(wait=False, cancel_futures=True)
+        self.ex = self._new()
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _alone(pool: _Pool, it: InputItem) -> Prepared:
+    """Runs one item in the pool; if the pool breaks, the item is the culprit."""
+    try:
+        return _attach([it], pool.ex.submit(_prepare_chunk, [it]).result())[0]
+    except BrokenProcessPool:
+        logger.warning("%s: a worker process died on this item; it is rejected", it.where)
+        pool.rebuild()
+        return Prepared(it, error=f"{it.where}: {CRASH_MESSAGE}", reason="crash")
+
+
+class PrepareStream:
+    """Iterable of Prepared results in input order. The worker processes fork in ``__init__`` (call it
+    before loading the VQGAN: the children then start from a process without torch thread pools)."""
+
+    def __init__(self, processor, items: Iterable[InputItem], base_dir: Path | None, num_workers: int):
+        self.processor, self.base_dir, self.num_workers = processor, base_dir, num_workers
+        self.source = iter(items)
+        self.inflight: deque[tuple[list[InputItem], Future]] = deque()
+        self.pool = None
+        if num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self.pool = _Pool(processor, base_dir, num_workers)
+            self._refill()
+
+    def _refill(self) -> None:
+        while len(self.inflight) < AHEAD_PER_WORKER * self.num_workers:
+            chunk = list(islice(self.source, CHUNK))
+            if not chunk:
+                return
+            self.inflight.append((chunk, self.pool.ex.submit(_prepare_chunk, chunk)))
+
+    def __iter__(self) -> Iterator[Prepared]:
+        if self.pool is None:
+            for it in self.source:
+                yield prepare_one(self.processor, it, self.base_dir)
+            return
+        try:
+            while self.inflight:
+                chunk, fut = self.inflight.popleft()
+                try:
+                    results = fut.result()
+                except BrokenProcessPool:
+                    yield from self._recover(chunk, fut)
+                    continue
+                yield from _attach(chunk, results)
+                self._refill()
+        finally:
+            self.close()
+
+    def _recover(self, chunk: list[InputItem], fut: Future) -> Iterator[Prepared]:
+        logger.warning("a worker process died; re-running the %d chunk(s) in flight one item at a time "
+                       "to find the item that kills it", len(self.inflight) + 1)
+        retry = [(chunk, fut)] + list(self.inflight)
+        self.inflight.clear()
+        self.pool.rebuild()
+        for c, f in retry:
+            if f.done() and not f.cancelled() and f.exception() is None:
+                yield from _attach(c, f.result())
+            else:
+                for it in c:
+                    yield _alone(self.pool, it)
+        self._refill()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def prepare_stream(processor, items: Iterable[InputItem], base_dir: Path | None,
+                   num_workers: int) -> PrepareStream:
+    """Prepared results of ``items``, in order; see the module docstring."""
+    return PrepareStream(processor, items, base_dir, num_workers)

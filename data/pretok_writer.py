@@ -1,0 +1,343 @@
+"""Exactly-once output of one pre-tokenization rank: token shard, record lines, error lines, markers.
+
+Files of rank r of S in ``out_dir`` (formats of the first three in :mod:`data.records`):
+    {r}-of-{S}-tokens.bin     token shard (append-only)
+    {r}-of-{S}-record.jsonl   {"id", "file", "len", "offset"} per pre-tokenized item, in id order
+    {r}-of-{S}-errors.jsonl   {"id", "error", "reason"} per rejected item, in id order
+    {r}-of-{S}-run.json       what this rank is made from (input size, id range, target size, bundle
+                              fingerprint); written before any item, checked on every re-run
+    {r}-of-{S}-done.json      written last, atomically: the rank is complete (counts inside)
+
+Why a kill -9 at any moment loses and doubles nothing: items are appended to the shard, the shard is
+fsynced, and only then are the record lines that point into it written (then flushed and fsynced,
+together with the error lines of the same commit). Each of the two line files is therefore a prefix of
+what an uninterrupted run writes, and every shard byte a record points at is durable. On restart,
+:func:`scan_outputs` drops a torn last line, finds the first id that is in neither file (everything
+before it is done), remembers the few ids after it that are (the other file of the last commit got
+them), truncates the shard to the end of the last recorded item, and the run redoes exactly the
+missing ids. Processing is deterministic, so the files come out byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name,
+                          shard_end_bytes, shard_name)
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = "lumina-stack-pretokenize-run"
+DONE_FORMAT = "lumina-stack-pretokenize-done"
+RUN_VERSION = 1
+# run.json keys that must match on a re-run; the others (paths) are informational.
+RUN_CHECKED_KEYS = ("version", "rank", "splits", "num_items", "start", "end", "in_format",
+                    "target_size", "tokenizer_sha256")
+
+
+def run_name(rank: int, splits: int) -> str:
+    return f"{rank}-of-{splits}-run.json"
+
+
+def done_name(rank: int, splits: int) -> str:
+    return f"{rank}-of-{splits}-done.json"
+
+
+class OutputConflictError(RuntimeError):
+    """``out_dir`` holds output that this run cannot continue (other settings, damage, a live writer)."""
+
+
+def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
+    """sha256 over the bundle's files (name + bytes), so a re-run with other weights is caught."""
+    h = hashlib.sha256()
+    for p in sorted(Path(bundle_dir).iterdir()):
+        if p.is_file():
+            h.update(p.name.encode() + b"\0")
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """temp file + fsync + rename + directory fsync: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+class _LineFile:
+    """Iterates the ids of a record or errors file, checking order and range, and tracking where the
+    complete lines end (``good_bytes``) so a torn tail can be cut off."""
+
+    def __init__(self, path: Path, ids: range, shard: str | None):
+        self.path, self.ids, self.shard = path, ids, shard  # shard: expected "file" of records
+        self.good_bytes = 0
+        self.count = 0
+        self.last: Record | None = None
+        self.torn = False
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.path.exists():
+            return
+        prev = None
+        with open(self.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    self.torn = True  # a kill mid-write; everything before it is complete
+                    return
+                where = f"{self.path}:{lineno}"
+                try:
+                    d = json.loads(line)
+                    i = int(d["id"])
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise OutputConflictError(f"{where}: damaged line ({e}); this rank's output cannot "
+                                              f"be continued: delete its files and re-run") from e
+                if i not in self.ids or (prev is not None and i <= prev):
+                    raise OutputConflictError(f"{where}: id {i} is out of order or outside this rank's "
+                                              f"range [{self.ids.start}, {self.ids.stop}); was this "
+                                              f"directory written by another run?")
+                if self.shard is not None:
+                    rec = Record.from_dict(d, where)
+                    expect = 0 if self.last is None else self.last.offset + 2 * self.last.len
+                    if rec.file != self.shard or rec.offset != expect:
+                        raise OutputConflictError(
+                            f"{where}: record {rec} does not continue shard {self.shard} at element "
+                            f"{expect}; was this directory written by another tool?")
+                    self.last = rec
+                prev = i
+                self.count += 1
+                self.good_bytes += len(line)
+                yield i
+
+
+@dataclass
+class ResumeState:
+    """Where a rank stands: redo ``range(next_id, end)`` except ``skip``."""
+
+    next_id: int
+    skip: frozenset[int]
+    shard_bytes: int
+    records_bytes: int
+    errors_bytes: int
+    num_records: int
+    num_errors: int
+    torn: bool = False
+
+    def todo(self, end: int) -> Iterator[int]:
+        return (i for i in range(self.next_id, end) if i not in self.skip)
+
+
+def scan_outputs(out_dir: Path, rank: int, splits: int, ids: range) -> ResumeState:
+    """Reads a rank's record and errors files (streaming) and says what is done and what is not."""
+    recs = _LineFile(out_dir / record_name(rank, splits), ids, shard_name(rank, splits))
+    errs = _LineFile(out_dir / errors_name(rank, splits), ids, None)
+    expected, gap, after = ids.start, None, set()
+    for i in heapq.merge(recs, errs):
+        if gap is None and i == expected:
+            expected += 1
+            continue
+        if i < expected or i in after:
+            raise OutputConflictError(f"{out_dir}: id {i} is in both {recs.path.name} and "
+                                      f"{errs.path.name}; the output is damaged")
+        gap = expected if gap is None else gap
+        after.add(i)
+    shard_bytes = 16 if recs.last is None else shard_end_bytes(recs.last.offset, recs.last.len)
+    shard = out_dir / shard_name(rank, splits)
+    have = shard.stat().st_size if shard.exists() else 0
+    if recs.last is not None and have < shard_bytes:
+        raise OutputConflictError(f"{shard}: {have} bytes, but its records need {shard_bytes}; the "
+                                  f"shard was damaged or replaced: delete this rank's files and re-run")
+    return ResumeState(next_id=expected if gap is None else gap, skip=frozenset(after),
+                       shard_bytes=shard_bytes, records_bytes=recs.good_bytes,
+                       errors_bytes=errs.good_bytes, num_records=recs.count, num_errors=errs.count,
+                       torn=recs.torn or errs.torn)
+
+
+# ----------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class RankWriter:
+    """Appends items and errors of one rank, committing them durably and in id order.
+
+    Use: ``w = RankWriter.open(...)``; if ``w.finished`` there is nothing to do; else process
+    ``w.state.todo(end)`` in order calling ``add``/``add_error``, ``commit()`` now and then, ``finish()``.
+    """
+
+    out_dir: Path
+    rank: int
+    splits: int
+    ids: range
+    state: ResumeState | None = None
+    finished: bool = False
+    _lock_fd: int | None = None
+    _shard: ShardWriter | None = None
+    _rec_f: object = None
+    _err_f: object = None
+    _rec_lines: list[str] = field(default_factory=list)
+    _err_lines: list[str] = field(default_factory=list)
+    _last_id: int = -1
+
+    @classmethod
+    def open(cls, out_dir: str | os.PathLike, rank: int, splits: int, ids: range, run_info: dict) -> "RankWriter":
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        w = cls(out_dir, rank, splits, ids)
+        shard_path = out_dir / shard_name(rank, splits)
+        # One writer per rank: a lock on the shard (released by the kernel when the process dies).
+        w._lock_fd = os.open(shard_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(w._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(w._lock_fd)
+            raise OutputConflictError(f"{shard_path}: another process is writing rank {rank} of "
+                                      f"{splits} into {out_dir}") from None
+        try:
+            w._check_run_info(run_info)
+            if (out_dir / done_name(rank, splits)).exists():
+                w.finished = True
+                return w
+            w.state = scan_outputs(out_dir, rank, splits, ids)
+            w._shard = ShardWriter(shard_path, truncate_to=w.state.shard_bytes)
+            w._rec_f = w._open_lines(out_dir / record_name(rank, splits), w.state.records_bytes)
+            w._err_f = w._open_lines(out_dir / errors_name(rank, splits), w.state.errors_bytes)
+        except BaseException:
+            w.close()
+            raise
+        return w
+
+    def _check_run_info(self, run_info: dict) -> None:
+        info = {"format": RUN_FORMAT, "version": RUN_VERSION, "rank": self.rank, "splits": self.splits,
+                "start": self.ids.start, "end": self.ids.stop, **run_info}
+        path = self.out_dir / run_name(self.rank, self.splits)
+        if path.exists():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise OutputConflictError(f"{path}: not JSON ({e}); delete it and this rank's files") from e
+            diff = [k for k in RUN_CHECKED_KEYS if old.get(k) != info.get(k)]
+            if diff:
+                raise OutputConflictError(
+                    f"{self.out_dir} holds rank {self.rank} of {self.splits} made with other settings ("
+                    + ", ".join(f"{k}: {old.get(k)!r} there, {info.get(k)!r} now" for k in diff)
+                    + "); use another --out_dir or delete that rank's files")
+        else:
+            write_json_atomic(path, info)
+
+    @staticmethod
+    def _open_lines(path: Path, good_bytes: int):
+        f = open(path, "ab")
+        if f.tell() != good_bytes:
+            f.truncate(good_bytes)  # a torn last line from a killed run
+            f.seek(good_bytes)
+        return f
+
+    def _check_order(self, i: int) -> None:
+        if i <= self._last_id or i < self.state.next_id or i >= self.ids.stop or i in self.state.skip:
+            raise ValueError(f"item {i} is out of order or already written (last {self._last_id})")
+        self._last_id = i
+
+    def add(self, i: int, tokens, labels) -> Record:
+        """Appends item ``i`` to the shard; its record line is written at the next commit."""
+        self._check_order(i)
+        offset = self._shard.append(tokens, labels)
+        rec = Record(id=i, file=self._shard.path.name, len=len(tokens), offset=offset)
+        self._rec_lines.append(rec.to_json() + "\n")
+        return rec
+
+    def add_error(self, i: int, error: str, reason: str) -> None:
+        self._check_order(i)
+        self._err_lines.append(json.dumps({"id": i, "error": error, "reason": reason},
+                                          ensure_ascii=False) + "\n")
+
+    @property
+    def uncommitted(self) -> int:
+        return len(self._rec_lines) + len(self._err_lines)
+
+    def commit(self) -> None:
+        """Makes everything added so far durable: shard first, then the lines that point into it."""
+        if not self.uncommitted:
+            return
+        self._shard.sync()
+        for f, lines in ((self._rec_f, self._rec_lines), (self._err_f, self._err_lines)):
+            if lines:
+                f.write("".join(lines).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                lines.clear()
+
+    def finish(self) -> dict:
+        """Commits, checks that every id of the range is accounted for, writes the done marker."""
+        self.commit()
+        state = scan_outputs(self.out_dir, self.rank, self.splits, self.ids)
+        if state.next_id != self.ids.stop or state.skip:
+            raise OutputConflictError(f"{self.out_dir}: rank {self.rank} of {self.splits} ends with "
+                                      f"ids missing from id {state.next_id}; the output is damaged")
+        summary = summarize(self.out_dir, self.rank, self.splits)
+        write_json_atomic(self.out_dir / done_name(self.rank, self.splits),
+                          {"format": DONE_FORMAT, "version": RUN_VERSION, "rank": self.rank,
+                           "splits": self.splits, "start": self.ids.start, "end": self.ids.stop, **summary})
+        self.finished = True
+        return summary
+
+    def close(self) -> None:
+        for f in (self._rec_f, self._err_f):
+            if f is not None and not f.closed:
+                f.close()
+        if self._shard is not None:
+            self._shard.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RankWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def summarize(out_dir: Path, rank: int, splits: int) -> dict:
+    """Counts of a rank's output read back from its files: records, tokens, errors by reason."""
+    records = tokens = 0
+    rp = out_dir / record_name(rank, splits)
+    if rp.exists():
+        with open(rp, "rb") as f:
+            for line in f:
+                if line.endswith(b"\n"):
+                    records += 1
+                    tokens += int(json.loads(line)["len"])
+    reasons: Counter[str] = Counter()
+    ep = out_dir / errors_name(rank, splits)
+    if ep.exists():
+        with open(ep, "rb") as f:
+            for line in f:
+                if line.endswith(b"\n"):
+                    reasons[json.loads(line).get("reason", "other")] += 1
+    return {"records": records, "tokens": tokens, "errors": sum(reasons.values()),
+            "errors_by_reason": dict(sorted(reasons.items()))}

@@ -1,0 +1,330 @@
+"""Pre-tokenizes conversations with images into token shards: one rank of S, exactly once, resumable.
+
+    # one process (rank 0 of 1) on a CPU with the tiny bundle:
+    python model/make_tiny_bundle.py --out /tmp/tiny_bundle
+    python pre_tokenize/pre_tokenize.py --in_filename data.json --out_dir out --target_size 256 \
+        --tokenizer_dir /tmp/tiny_bundle --device cpu
+    # 8 GPUs, Lumina's way (one rank per GPU), then merge:
+    for i in {0..7}; do CUDA_VISIBLE_DEVICES=$i python -u pre_tokenize/pre_tokenize.py --splits 8 --rank $i \
+        --in_filename data.jsonl --out_dir out --target_size 768 --tokenizer_dir ckpts/chameleon/tokenizer \
+        &> $i.log & done; wait
+    python pre_tokenize/concat_record.py --sub_record_dir out --save_path out/record.json
+    # SLURM: --rank/--splits come from SLURM_PROCID/SLURM_NTASKS (or torchrun's RANK/WORLD_SIZE)
+    srun -n 8 --gres=gpu:8 python pre_tokenize/pre_tokenize.py --in_filename data.jsonl --out_dir out ...
+
+Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
+streamed, LLaVA JSON, or a directory of webdataset tars; see data/input_formats.py) and writes, in
+``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
+item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
+``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
+
+How it runs: ``--num_workers`` processes load and preprocess images and encode the text
+(``ItemProcessor.prepare``), while this process encodes the images on ``--device`` with the VQGAN in
+batches of up to ``--batch_size`` same-size images (gathered across consecutive items), assembles each
+item's tokens and labels and appends them in id order. Killed at any moment (even kill -9), the same
+command continues where it stopped and the files come out byte-identical to an uninterrupted run (see
+data/pretok_writer.py); a finished rank is not redone. The output does not depend on --batch_size or
+--num_workers, and is the same per id for any --splits. A bad item never stops the run: it goes to
+the errors file. A bad input file stops it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.input_formats import FORMATS, InputFileError, open_input, rank_range
+from data.pretok_workers import Prepared, classify, prepare_stream
+from data.pretok_writer import OutputConflictError, RankWriter, bundle_fingerprint
+
+logger = logging.getLogger("pre_tokenize")
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        if os.environ.get(n, "").strip():
+            return int(os.environ[n])
+    return None
+
+
+def _arg(help: str, default=MISSING, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PretokArgs:
+    """Flags of pre_tokenize.py (each field is one ``--flag``; ``None`` means "work it out")."""
+
+    in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
+                             "streamed), a LLaVA JSON list, or a directory of webdataset .tar shards")
+    out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
+    tokenizer_dir: Path = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
+                               "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`)")
+    splits: int | None = _arg("number of ranks the input is split into (default: $SLURM_NTASKS, else "
+                              "$WORLD_SIZE, else 1)", None)
+    rank: int | None = _arg("this process's rank in [0, splits) (default: $SLURM_PROCID, else $RANK, "
+                            "else 0)", None)
+    target_size: int = _arg("image area budget: crops are chosen on a 32-px grid with at most "
+                            "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ...", 512)
+    in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory -> wds, .jsonl -> "
+                          f"jsonl, .json -> json (llava when its messages use <image> markers)", "auto",
+                          choices=FORMATS)
+    image_root: Path | None = _arg("directory that relative image paths are resolved against (default: "
+                                   "the directory of --in_filename)", None)
+    batch_size: int = _arg("most same-size images the VQGAN encodes in one call", 8)
+    num_workers: int = _arg("worker processes that load/preprocess images and encode text (0: do it in "
+                            "this process; a crashing decoder then stops the run)", 2)
+    device: str = _arg("device of the VQGAN encoder: auto (cuda:$LOCAL_RANK or $SLURM_LOCALID when CUDA "
+                       "is available, else cpu), cpu, cuda, cuda:1, ...", "auto")
+    batch_invariant: bool | None = _arg(
+        "encode the images of a batch one at a time, so codes never depend on which images share a batch "
+        "(bit-exact output for any --batch_size). Default: on for CPU, where convolution results change "
+        "in the last bits with the batch size and batching gains little; off for CUDA, where batching is "
+        "the speed-up", None, pair="no_batch_invariant")
+    commit_items: int = _arg("make the output durable (fsync) at least every this many items", 256)
+    commit_seconds: float = _arg("... and at least every this many seconds", 5.0)
+    progress: bool = _arg("show a tqdm progress bar on stderr", True, pair="no_progress")
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for f in fields(cls):
+            meta = f.metadata
+            if "pair" in meta:
+                g = p.add_mutually_exclusive_group()
+                g.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default,
+                               help=meta["help"])
+                g.add_argument(f"--{meta['pair']}", dest=f.name, action="store_false",
+                               help=f"the opposite of --{f.name}")
+                continue
+            typ = {"Path": Path, "Path | None": Path, "int": int, "int | None": int, "float": float,
+                   "str": str}[f.type]
+            kw = {"required": True} if f.default is MISSING else {"default": f.default}
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            p.add_argument(f"--{f.name}", type=typ, help=meta["help"], **kw)
+        return p
+
+    @classmethod
+    def parse(cls, argv: list[str] | None = None) -> "PretokArgs":
+        p = cls.parser()
+        args = cls(**vars(p.parse_args(argv)))
+        if args.splits is None:
+            args.splits = _env_int("SLURM_NTASKS", "WORLD_SIZE") or 1
+        if args.rank is None:
+            args.rank = _env_int("SLURM_PROCID", "RANK") or 0
+        checks = [(args.splits >= 1, f"--splits must be >= 1, got {args.splits}"),
+                  (0 <= args.rank < args.splits, f"--rank must be in [0, --splits={args.splits}), got {args.rank}"),
+                  (args.target_size >= 32 and args.target_size % 32 == 0,
+                   f"--target_size must be a positive multiple of 32, got {args.target_size}"),
+                  (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+                  (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
+                  (args.commit_items >= 1, f"--commit_items must be >= 1, got {args.commit_items}")]
+        for ok, msg in checks:
+            if not ok:
+                p.error(msg)
+        return args
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+
+
+@dataclass
+class _Entry:
+    """An item waiting, in id order, for its images' codes."""
+
+    p: Prepared
+    codes: list
+    missing: int
+
+
+class ImageBatcher:
+    """Keeps prepared items in id order until all their images are encoded.
+
+    Same-size images of consecutive items share a VQGAN call: a size group is encoded once it holds
+    ``batch_size`` images, or, when too much waits (``max_images`` images or ``max_items`` items), the
+    group of the oldest waiting image is encoded as it is. ``ready()`` hands out the finished head.
+    """
+
+    def __init__(self, vqgan, batch_size: int, per_image: bool, max_images: int, max_items: int):
+        self.vqgan, self.batch_size, self.per_image = vqgan, batch_size, per_image
+        self.max_images, self.max_items = max_images, max_items
+        self.entries: deque[_Entry] = deque()
+        self.groups: dict[tuple, deque[tuple[_Entry, int]]] = {}
+        self.waiting = 0
+        self.images_done = 0
+        self.encode_seconds = 0.0
+
+    def push(self, p: Prepared) -> None:
+        images = [] if p.error is not None else list(p.prepared.images)
+        e = _Entry(p, [None] * len(images), len(images))
+        self.entries.append(e)
+        for k, img in enumerate(images):
+            self.groups.setdefault(tuple(img.shape), deque()).append((e, k))
+        self.waiting += len(images)
+        for shape in [s for s, g in self.groups.items() if len(g) >= self.batch_size]:
+            while len(self.groups.get(shape, ())) >= self.batch_size:
+                self._encode(shape)
+        while self.waiting and (self.waiting > self.max_images or len(self.entries) > self.max_items):
+            self._encode_oldest()
+
+    def _encode_oldest(self) -> None:
+        head = next(e for e in self.entries if e.missing)
+        k = next(k for k, c in enumerate(head.codes) if c is None)
+        self._encode(tuple(head.p.prepared.images[k].shape))
+
+    def _encode(self, shape: tuple) -> None:
+        import torch
+
+        group = self.groups[shape]
+        batch = [group.popleft() for _ in range(min(self.batch_size, len(group)))]
+        if not group:
+            del self.groups[shape]
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack([e.p.prepared.images[k] for e, k in batch]))
+        if self.per_image:
+            codes = [self.vqgan.encode(x[i:i + 1])[0].cpu().numpy() for i in range(len(batch))]
+        else:
+            codes = list(self.vqgan.encode(x).cpu().numpy())
+        self.encode_seconds += time.perf_counter() - t0
+        for (e, k), c in zip(batch, codes):
+            e.codes[k] = c
+            e.missing -= 1
+        self.waiting -= len(batch)
+        self.images_done += len(batch)
+
+    def ready(self, flush: bool = False) -> list[_Entry]:
+        if flush:
+            while self.waiting:
+                self._encode_oldest()
+        out = []
+        while self.entries and not self.entries[0].missing:
+            out.append(self.entries.popleft())
+        return out
+
+
+def write_entry(writer: RankWriter, processor, e: _Entry, counts: Counter) -> None:
+    p = e.p
+    if p.error is None:
+        try:
+            tokens, labels = processor.assemble(p.prepared, e.codes)
+        except Exception as exc:  # a bad item never stops the run; reported like a prepare error
+            p.error, p.reason = f"{p.item.where}: {type(exc).__name__}: {exc}", classify(exc)
+        else:
+            writer.add(p.item.id, tokens, labels)
+            counts["records"] += 1
+            counts["tokens"] += len(tokens)
+            return
+    writer.add_error(p.item.id, p.error, p.reason)
+    counts[f"error:{p.reason}"] += 1
+
+
+def run(args: PretokArgs) -> dict:
+    """Pre-tokenizes rank ``args.rank`` of ``args.splits``; returns the rank's summary."""
+    t_start = time.perf_counter()
+    tag = f"rank {args.rank} of {args.splits}"
+    source = open_input(args.in_filename, args.in_format)
+    ids = rank_range(len(source), args.rank, args.splits)
+    run_info = {"num_items": len(source), "in_format": source.format, "target_size": args.target_size,
+                "tokenizer_sha256": bundle_fingerprint(args.tokenizer_dir),
+                "in_filename": str(args.in_filename.resolve()), "tokenizer_dir": str(args.tokenizer_dir.resolve()),
+                "image_root": None if args.image_root is None else str(args.image_root.resolve())}
+    with RankWriter.open(args.out_dir, args.rank, args.splits, ids, run_info) as writer:
+        if writer.finished:
+            logger.info("%s: already finished (%s exists); nothing to do", tag,
+                        args.out_dir / f"{args.rank}-of-{args.splits}-done.json")
+            return {"already_finished": True}
+        st = writer.state
+        todo = (ids.stop - st.next_id) - len(st.skip)
+        logger.info("%s: ids [%d, %d) of %d (%s input %s)%s", tag, ids.start, ids.stop, len(source),
+                    source.format, args.in_filename,
+                    f"; resuming at id {st.next_id}, {st.num_records} records and {st.num_errors} errors "
+                    f"kept" + (", a torn last line dropped" if st.torn else "") if st.next_id > ids.start else "")
+
+        from data.item_processor import ItemProcessor
+        from model.tokenizer_bundle import ChameleonTokenizer
+
+        tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)
+        processor = ItemProcessor(tokenizer, args.target_size)
+        base_dir = args.image_root if args.image_root is not None else source.base_dir
+        items = (it for it in source.iter_items(range(st.next_id, ids.stop)) if it.id not in st.skip)
+        # The worker pool forks here, before the VQGAN is loaded and torch starts its thread pools.
+        stream = prepare_stream(processor, items, base_dir, args.num_workers)
+        device = resolve_device(args.device)
+        full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device)
+        per_image = args.batch_invariant if args.batch_invariant is not None else device.type == "cpu"
+        batcher = ImageBatcher(full.vqgan, args.batch_size, per_image, max_images=4 * args.batch_size,
+                               max_items=max(256, 8 * args.batch_size))
+        logger.info("%s: VQGAN on %s, batches of up to %d same-size images%s, %d worker process(es)", tag,
+                    device, args.batch_size, " (encoded one by one: batch-invariant)" if per_image else "",
+                    args.num_workers)
+
+        counts: Counter = Counter()
+        bar = tqdm(total=todo, unit="item", dynamic_ncols=True, disable=not args.progress, desc=tag)
+        t_first, last_commit = None, time.perf_counter()
+        try:
+            for p in stream:
+                t_first = t_first or time.perf_counter()
+                batcher.push(p)
+                for e in batcher.ready():
+                    write_entry(writer, processor, e, counts)
+                    bar.update(1)
+                now = time.perf_counter()
+                if writer.uncommitted >= args.commit_items or now - last_commit >= args.commit_seconds:
+                    writer.commit()
+                    last_commit = now
+                    bar.set_postfix(images=batcher.images_done, errors=sum(v for k, v in counts.items()
+                                                                         if k.startswith("error:")))
+            for e in batcher.ready(flush=True):
+                write_entry(writer, processor, e, counts)
+                bar.update(1)
+            summary = writer.finish()
+        finally:
+            bar.close()
+    t_end = time.perf_counter()
+    steady = t_end - (t_first or t_end)
+    rejected = {k[len("error:"):]: v for k, v in sorted(counts.items()) if k.startswith("error:")}
+    logger.info(
+        "%s done: this run %d items -> %d records, %d rejected %s, %d tokens; %d images in %.1f s = %.2f "
+        "images/s (VQGAN busy %.1f s; start-up %.1f s not counted). Rank total: %d records, %d tokens, "
+        "%d rejected %s", tag, counts["records"] + sum(rejected.values()), counts["records"],
+        sum(rejected.values()), rejected or "", counts["tokens"], batcher.images_done, steady,
+        batcher.images_done / steady if steady > 0 else 0.0, batcher.encode_seconds, (t_first or t_end) - t_start,
+        summary["records"], summary["tokens"], summary["errors"], summary["errors_by_reason"] or "")
+    return {**summary, "images": batcher.images_done, "images_per_s": batcher.images_done / steady if steady else 0.0,
+            "seconds": t_end - t_start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = PretokArgs.parse(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s [{args.rank}/{args.splits}] %(levelname)s %(message)s")
+    from model.vqgan import BundleError
+
+    try:
+        run(args)
+    except (InputFileError, OutputConflictError, BundleError) as e:
+        logger.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
