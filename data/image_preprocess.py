@@ -110,10 +110,13 @@ def preprocess_image(img: Image.Image, target_size: int) -> np.ndarray:
 
 
 def to_pil(pixels) -> Image.Image:
-    """float [3, H, W] in [-1, 1] (ndarray or tensor) -> RGB image, as Chameleon's ``_pil_from_chw_tensor``."""
+    """float [3, H, W] in [-1, 1] (ndarray or tensor) -> RGB image (for viewing decoded codes).
+
+    Rounds, so it inverts ``pixels_from_rgb`` exactly (Chameleon's ``_pil_from_chw_tensor`` truncates).
+    """
     arr = pixels.detach().cpu().numpy() if hasattr(pixels, "detach") else np.asarray(pixels)
-    hwc = (np.clip(arr, -1.0, 1.0) + 1.0) / 2.0
-    return Image.fromarray((hwc.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
+    hwc = (np.clip(arr.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
+    return Image.fromarray(np.round(hwc.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
 
 
 # --------------------------------------------------------------------------------------- loading
