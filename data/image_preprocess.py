@@ -163,7 +163,11 @@ def _exif_transpose(img: Image.Image, label: str) -> Image.Image:
 
 def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Reads an image file (path) or encoded image (bytes) fully; EXIF orientation applied; mode L, LA,
-    RGB or RGBA. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong."""
+    RGB or RGBA. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong.
+
+    Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused (PIL itself only warns below twice that). The
+    warning filter this uses is process-wide: call it from processes, not from several threads at once.
+    """
     is_bytes = isinstance(src, (bytes, bytearray, memoryview))
     label = name or (f"<{len(src)} bytes>" if is_bytes else str(src))
     if is_bytes:

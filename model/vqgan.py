@@ -186,7 +186,7 @@ class VQGAN(nn.Module):
         if pixels.shape[2] % f or pixels.shape[3] % f:
             raise ValueError(f"image size {pixels.shape[2]}x{pixels.shape[3]} (HxW) is not a multiple of {f}")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels float [B, 3, H, W] in [-1, 1] -> codes LongTensor [B, H/16, W/16] on the module's device."""
         self._check_pixels(pixels)
@@ -197,7 +197,7 @@ class VQGAN(nn.Module):
             z = self.quant_conv(self.encoder(x))
             return self.quantize.codes(z)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, h, w] -> pixels float32 [B, 3, 16h, 16w], clamped to [-1, 1]."""
         if codes.ndim != 3:

@@ -231,6 +231,10 @@ def test_image_in_assistant_turn_is_labelled_and_in_human_turn_is_not(proc, tiny
     assert labels[s1:e1] == tokens[s1:e1]
     assert labels[e1:] == tokens[e1:] == [tok.eot_id]
     assert tok.parse_image_block(tokens[s1:e1]).shape == (22, 10)  # 40x90 px -> crop 160x352 (WxH)
+    # Text-to-image: the assistant turn is only the image; it is labelled, and so is its end of turn.
+    tokens, labels = proc.process_item(_conv("Draw a red box.", "<|image|>", image=a))
+    (s, e), = tok.find_image_blocks(tokens)
+    assert labels[:s] == [IGNORE_INDEX] * s and labels[s:] == tokens[s:] and tokens[e:] == [tok.eot_id]
 
 
 def test_prepare_needs_no_vqgan_pickles_and_assembles_like_process_item(proc, tiny_tokenizer, tmp_path):
