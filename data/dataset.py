@@ -4,7 +4,7 @@
 dataset is item ``i - start`` of the source whose ``[start, stop)`` range holds it (``source_ranges``).
 
 Opening is O(files), not O(items), in Python work: each record file is opened through its memory-mapped
-index (``data.records.open_index``, which builds the index on first use), the ``len`` column is read
+index (``{record}.index/`` of data.records, built on first use if missing or stale), the ``len`` column is read
 into one int32 array (``lengths``, what the sampler needs), and the other columns stay memory-mapped
 and are only touched by ``__getitem__``. 10M records open in well under 2 s and 300 MB RSS (see
 bench/bench_data_open.py and bench/RESULTS.md).
@@ -24,12 +24,14 @@ and dropped when the dataset is pickled (DataLoader workers under the ``spawn`` 
 worker never receives a copy of a mapped array.
 
 Known cost: for Lumina ``.pkl`` records the index stores every item's path in ``meta.json`` (one file
-per item), which ``open_index`` loads as a list; such sources open in O(items) and do not meet the 10M
-budget above. Our shard records store a handful of shard paths and do.
+per item), which has to be parsed as one JSON list; such sources open in O(items) (about 0.5 s and
+100 MB per 1M records) and do not meet the 10M budget above. Our shard records name a handful of
+shards and do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
@@ -41,7 +43,7 @@ import numpy as np
 
 from data.data_config import DataSource
 from data.lumina_pickle import UnsafePickleError, load_lumina_item
-from data.records import RecordFormatError, ShardReader, index_dir_for, open_index
+from data.records import RecordFormatError, ShardReader, build_index, index_dir_for, index_is_current
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +100,16 @@ class _Columns:
 
 @dataclass
 class _Source:
-    """One opened record file. ``files`` are absolute; the memory maps are opened lazily per process."""
+    """One opened record file. ``files`` are the index's file names as stored (relative to the record
+    file's directory, or absolute), resolved by ``path_of`` only when used: Lumina records name one
+    file per item, and making millions of Path objects at open took 15 s per 1M records."""
 
     spec: DataSource
     start: int
     stop: int
     type_id: int
     index_dir: Path
-    files: list[Path]
+    files: list[str]
     _cols: _Columns | None = field(default=None, repr=False)
     _shards: dict[int, ShardReader] = field(default_factory=dict, repr=False)
 
@@ -121,8 +125,12 @@ class _Source:
     def shard(self, file_idx: int) -> ShardReader:
         r = self._shards.get(file_idx)
         if r is None:
-            r = self._shards[file_idx] = ShardReader(self.files[file_idx])
+            r = self._shards[file_idx] = ShardReader(self.path_of(file_idx))
         return r
+
+    def path_of(self, file_idx: int) -> Path:
+        p = Path(self.files[file_idx])
+        return p if p.is_absolute() else self.record_path.parent / p
 
     def drop_maps(self) -> None:
         self._cols = None
@@ -164,7 +172,7 @@ def _validate_source(src: _Source) -> None:
         return
     for fi in np.flatnonzero(shard_end >= 0):
         fi = int(fi)
-        path = src.files[fi]
+        path = src.path_of(fi)
         if has_pkl is not None and has_pkl[fi]:
             _raise_for_row(src, _first_row_of_file(src, fi), f"is a per-item pickle record, but {path} is also "
                            f"used as a token shard by other records")
@@ -201,9 +209,23 @@ def _raise_for_row(src: _Source, row: int, what: str) -> None:
     c = src.columns()
     off, fi = int(c.offset[row]), int(c.file[row])
     where = f"offset {off}, " if off >= 0 else ""
-    fname = src.files[fi] if 0 <= fi < len(src.files) else f"#{fi}"
+    fname = src.path_of(fi) if 0 <= fi < len(src.files) else f"#{fi}"
     raise RecordFormatError(f"record file {src.record_path}, item id {int(c.id[row])} (row {row}, {where}"
                             f"len {int(c.len[row])}, file {fname}): {what}")
+
+
+def _open_index_meta(record_path: Path) -> tuple[Path, list[str]]:
+    """(index dir, file names as stored) of a record file, building the index first if missing or stale.
+    Like data.records.open_index, without mapping the columns or making a Path per file name."""
+    if not record_path.is_file():
+        raise FileNotFoundError(f"record file {record_path} does not exist; make one with "
+                                f"pre_tokenize/pre_tokenize.py and pre_tokenize/concat_record.py")
+    if not index_is_current(record_path):
+        logger.info("building the index of %s (done once; concat_record.py writes it ahead)", record_path)
+        build_index(record_path)
+    d = index_dir_for(record_path)
+    meta = json.loads((d / "meta.json").read_text())
+    return d, meta["files"]
 
 
 class RecordDataset:
@@ -229,16 +251,14 @@ class RecordDataset:
         lengths = []
         start = 0
         for spec in self.sources:
-            index = open_index(spec.path)  # builds {record}.index/ if missing or stale
-            d = index_dir_for(spec.path)
+            d, files = _open_index_meta(spec.path)
             # A plain read, not the memory map: the sampler needs every length, and an anonymous copy
             # is counted once in RSS, where a fully touched map plus a copy would count twice.
             ln = np.load(d / "len.npy", allow_pickle=False)
             if spec.type not in self.type_names:
                 self.type_names.append(spec.type)
             src = _Source(spec=spec, start=start, stop=start + int(ln.shape[0]),
-                          type_id=self.type_names.index(spec.type), index_dir=d, files=index.files)
-            del index
+                          type_id=self.type_names.index(spec.type), index_dir=d, files=files)
             _validate_source(src)
             src.drop_maps()
             self._srcs.append(src)
@@ -289,7 +309,7 @@ class RecordDataset:
         src, row = self.locate(int(i))
         cols = src.columns()
         rid, fi, off, n = int(cols.id[row]), int(cols.file[row]), int(cols.offset[row]), int(cols.len[row])
-        path = src.files[fi]
+        path = src.path_of(fi)
         where = f"record file {src.record_path}, item id {rid} (row {row}, dataset index {int(i)})"
         if off >= 0:
             try:
