@@ -1,0 +1,536 @@
+"""Fine-tunes a Chameleon / Lumina-mGPT model on pre-tokenized data with torch FSDP (Lumina's flags).
+
+    # one process on a CPU (tiny model; see exps/demo.sh for making one)
+    python finetune_solver.py --init_from out/tiny_model --data_config out/data.yaml --output_dir out/run \
+        --precision fp32 --batch_size 2 --accum_iter 1 --epochs 1 --num_workers 0 --log_every 1
+    # two processes on one machine (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node 2 finetune_solver.py --init_from ... --data_config ... --output_dir ...
+    # a SLURM job, one task per GPU (exps/7B.sh holds Lumina's hyper-parameters)
+    srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/7B.sh
+    python finetune_solver.py -h
+
+One step = ``accum_iter`` micro-batches of ``batch_size`` items on each of the world's ranks; the global
+batch is batch_size * accum_iter * world_size items. The loss of a step is the mean over all labelled
+tokens of the global batch (see model/chameleon_lm.py for the loss, model/parallelize.py for FSDP,
+model/checkpointing.py for the checkpoint layout, model/metrics.py for metrics.jsonl). Reruns in the same
+--output_dir resume from the newest complete checkpoint (--auto_resume), exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from data.loader import build_indexes, build_train_data
+from data.packing import block_causal_mask
+from data.records import IGNORE_INDEX
+from model import checkpointing as ckpt
+from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
+                                read_hf_weights, resolve_hf_dir, zero_image_head)
+from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
+                               init_distributed, init_model_parallel)
+from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
+                           setup_logging, teardown_logging)
+from model.optim import build_optimizer, lr_at, set_lr
+from model.parallelize import DTYPES, parallelize, set_gradient_sync
+
+logger = logging.getLogger("finetune_solver")
+
+# Lumina's starting points when --init_from is not given (its _make_and_save_starting_point)
+STARTING_POINTS = {"7B": "Alpha-VLLM/Chameleon_7B_mGPT", "34B": "Alpha-VLLM/Chameleon_34B_mGPT"}
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    """All flags. Lumina's names, defaults and meanings unless the help says otherwise."""
+
+    # schedule
+    batch_size: int = _f(4, "items per micro-batch per rank (global batch = batch_size * accum_iter * world size)")
+    accum_iter: int = _f(4, "micro-batches accumulated per optimizer step")
+    epochs: int = _f(1, "epochs to train")
+    warmup_epochs: float = _f(0.03, "linear warmup length in (fractional) epochs; then half-cycle cosine")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps in all (schedule still spans --epochs); "
+                                     "0 builds everything and exits; a checkpoint is written at the stop")
+    # optimizer
+    lr: float = _f(2e-5, "peak learning rate (absolute)")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    wd: float = _f(0.0, "AdamW weight decay (betas 0.9, 0.95); not applied to norms and biases")
+    decay_norm_and_bias: bool = _f(False, "also decay norm weights and biases, as Lumina does",
+                                   neg="--no_decay_norm_and_bias")
+    clip_grad: float = _f(4.0, "clip the global gradient norm to this (<= 0: no clipping)")
+    # model
+    init_from: str | None = _f(None, "HF-format Chameleon dir or hub id to start from; if unset, Lumina's "
+                                     "starting point for --model_size is made in OUTPUT_DIR/starting_point")
+    model_size: str = _f("7B", "which Lumina starting point to make when --init_from is unset", choices=["7B", "34B"])
+    max_seq_len: int = _f(4096, "items are truncated to this many tokens")
+    mask_image_logits: bool = _f(True, "mask image-code logits where the target is text (see model/chameleon_lm.py)",
+                                 neg="--unmask_image_logits")
+    dropout: float = _f(0.0, "residual dropout after attention and MLP of every layer")
+    z_loss_weight: float = _f(0.0, "weight of the z-loss (mean logsumexp^2 over labelled tokens)")
+    loss_chunk_size: int = _f(1024, "labelled tokens per chunk of the head + loss (memory vs speed)")
+    # data
+    data_config: str | None = _f(None, "data config YAML (META: [{path, type, ratio}]); required")
+    cache_ann_on_disk: bool = _f(False, "accepted for Lumina compatibility: our record index is always "
+                                        "memory-mapped from disk and shared by the ranks", neg="--no_cache_ann_on_disk")
+    length_clustering: bool = _f(True, "put items of similar length in the same global batch",
+                                 neg="--disable_length_clustering")
+    packing: bool = _f(False, "pack several items per row with a block-causal mask", neg="--no_packing")
+    num_workers: int = _f(8, "DataLoader worker processes per rank")
+    pin_mem: bool = _f(True, "pin DataLoader memory (used only with CUDA)", neg="--no_pin_mem")
+    seed: int = _f(0, "seed of data order, dropout and everything random")
+    # parallelism
+    model_parallel_size: int = _f(1, "tensor-parallel size; only 1 is implemented (FSDP shards the model)")
+    data_parallel: str = _f("fsdp", "fsdp: full shard; sdp: shard grads and optimizer only", choices=["fsdp", "sdp"])
+    precision: str = _f("bf16", "compute dtype; use fp32 on CPU", choices=["fp32", "tf32", "bf16", "fp16"])
+    grad_precision: str = _f("fp32", "dtype of the gradient reduction", choices=["fp32", "bf16", "fp16"])
+    checkpointing: bool = _f(False, "activation checkpointing of every decoder layer", neg="--no_checkpointing")
+    dist_timeout: float = _f(1800.0, "seconds a collective may wait before failing (a dead rank stops the others)")
+    # output
+    output_dir: str = _f("./output_dir", "where checkpoints, logs and metrics.jsonl go")
+    save_interval: int = _f(1, "save epoch{E}/ every this many epochs (and after the last)")
+    save_iteration_interval: int = _f(5000, "save epoch{E}-iter{I}/ every this many optimizer steps (0: never)")
+    only_save_trainable: bool = _f(False, "accepted for Lumina compatibility: every parameter is trained, so "
+                                          "checkpoints always hold all", neg="--no_only_save_trainable")
+    ckpt_max_keep: int = _f(2, "keep this many newest checkpoints (<= 0: all)")
+    auto_resume: bool = _f(True, "resume from the newest complete checkpoint in --output_dir", neg="--no_auto_resume")
+    resume_path: str | None = _f(None, "resume from this checkpoint directory (wins over --auto_resume)")
+    export_hf: bool = _f(True, "write an HF-format model into epoch{E}/hf/ at each epoch checkpoint",
+                         neg="--no_export_hf")
+    log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainArgs):
+        md = f.metadata
+        if f.type == "bool":
+            neg = md["neg"]
+            p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default,
+                           help=f"{md['help']} (default: {'on' if f.default else 'off'})")
+            p.add_argument(neg, dest=f.name, action="store_false", help=f"turn {f'--{f.name}'} off")
+        else:
+            p.add_argument(f"--{f.name}", dest=f.name, type=_TYPES[f.type], default=f.default,
+                           choices=md.get("choices"), help=f"{md['help']} (default: {f.default})")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    args = TrainArgs(**vars(ns))
+    problems = validate_args(args)
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def validate_args(a: TrainArgs) -> list[str]:
+    """Problems found in the flags, each naming its flag (empty when all is well)."""
+    bad = []
+    for name in ("batch_size", "accum_iter", "epochs", "max_seq_len", "save_interval", "log_every",
+                 "loss_chunk_size"):
+        if getattr(a, name) < 1:
+            bad.append(f"--{name} must be >= 1 (got {getattr(a, name)})")
+    if a.max_seq_len < 2 and a.max_seq_len >= 1:
+        bad.append("--max_seq_len must be >= 2 (a token and the one it predicts)")
+    if not 0 <= a.warmup_epochs <= max(a.epochs, 0):
+        bad.append(f"--warmup_epochs must be in [0, --epochs] (got {a.warmup_epochs})")
+    if not a.lr > 0:
+        bad.append(f"--lr must be > 0 (got {a.lr})")
+    if not 0 <= a.min_lr <= a.lr:
+        bad.append(f"--min_lr must be in [0, --lr] (got {a.min_lr})")
+    if a.wd < 0:
+        bad.append(f"--wd must be >= 0 (got {a.wd})")
+    if not 0 <= a.dropout < 1:
+        bad.append(f"--dropout must be in [0, 1) (got {a.dropout})")
+    if a.z_loss_weight < 0:
+        bad.append(f"--z_loss_weight must be >= 0 (got {a.z_loss_weight})")
+    if a.num_workers < 0:
+        bad.append(f"--num_workers must be >= 0 (got {a.num_workers})")
+    if a.seed < 0:
+        bad.append(f"--seed must be >= 0 (got {a.seed})")
+    if a.save_iteration_interval < 0:
+        bad.append(f"--save_iteration_interval must be >= 0 (got {a.save_iteration_interval})")
+    if a.max_steps is not None and a.max_steps < 0:
+        bad.append(f"--max_steps must be >= 0 (got {a.max_steps})")
+    if a.dist_timeout <= 0:
+        bad.append(f"--dist_timeout must be > 0 (got {a.dist_timeout})")
+    if a.model_parallel_size != 1:
+        bad.append(f"--model_parallel_size {a.model_parallel_size}: tensor parallelism is not implemented; use 1 "
+                   f"(FSDP shards parameters, gradients and optimizer state over all ranks)")
+    if a.data_config is None:
+        bad.append("--data_config is required (a YAML with META: [{path, type, ratio}])")
+    elif not Path(a.data_config).is_file():
+        bad.append(f"--data_config {a.data_config}: no such file")
+    if a.resume_path is not None and not Path(a.resume_path).is_dir():
+        bad.append(f"--resume_path {a.resume_path}: no such directory")
+    if a.init_from is not None and a.init_from.startswith((".", "/", "~")) and not Path(a.init_from).expanduser().is_dir():
+        bad.append(f"--init_from {a.init_from}: no such directory")
+    return bad
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss, bad data or model); the message says why and where."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _broadcast(obj, rank: int):
+    """rank 0's ``obj`` on every rank; an Exception from rank 0 is re-raised everywhere (no rank hangs)."""
+    box = [obj if rank == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def _resolve_model_dir(a: TrainArgs, rank: int) -> tuple[str, dict]:
+    """(directory of the initial HF weights, its config dict), decided on rank 0 and broadcast."""
+    result: object = None
+    if rank == 0:
+        try:
+            if a.init_from is not None:
+                d = resolve_hf_dir(a.init_from)
+            else:  # Lumina: download its converted Chameleon and zero the image-code rows of the head
+                d = Path(a.output_dir) / "starting_point"
+                if (d / "config.json").is_file():
+                    logger.warning("using the existing starting point %s (made by an earlier run; delete it to "
+                                   "remake it)", d)
+                else:
+                    logger.info("making the starting point %s from %s", d, STARTING_POINTS[a.model_size])
+                    zero_image_head(resolve_hf_dir(STARTING_POINTS[a.model_size]), d)
+            result = (str(d), json.loads(load_hf_config(d).to_json_string()))
+        except (ModelLoadError, OSError) as e:
+            result = TrainingStopped(str(e))
+    return _broadcast(result, rank)
+
+
+def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
+    """rank 0 reads the HF weights; FSDP's set_model_state_dict broadcasts and shards them."""
+    full: object = {}
+    if rank == 0:
+        try:
+            full = read_hf_weights(Path(model_dir), lm.config)
+            want = set(lm.state_dict().keys())
+            missing = sorted(want - set(full))
+            if missing:
+                raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+            extra = sorted(set(full) - want)
+            if extra:
+                logger.warning("%s: ignoring %d weights the model does not have, e.g. %s", model_dir, len(extra),
+                               extra[:3])
+                full = {k: v for k, v in full.items() if k in want}
+        except (ModelLoadError, OSError) as e:
+            full = TrainingStopped(str(e))
+    err = _broadcast(full if isinstance(full, Exception) else None, rank)
+    assert err is None
+    set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _rng_neutral(loader):
+    """Iterates ``loader`` without letting its start (DataLoader draws a base seed from the global torch RNG)
+    move the RNG stream that dropout uses: a resumed run and an uninterrupted one then draw the same masks."""
+    state = torch.get_rng_state()
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(state)
+    yield first
+    yield from it
+
+
+def _count_params(lm: ChameleonLM) -> tuple[int, int]:
+    total = sum(p.numel() for p in lm.parameters())
+    return total, total - lm.model.embed_tokens.weight.numel()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *, a: TrainArgs,
+               device: torch.device, lr: float, n_params_no_embed: int) -> dict:
+    """Forward/backward over this rank's micro-batches, clip, AdamW. Returns the global step metrics; raises
+    TrainingStopped (on every rank alike) before updating when the loss or gradient norm is not finite."""
+    local_labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    n_labelled = all_reduce_sum([local_labelled], device)[0]
+    # FSDP averages gradients over ranks, so world / n makes the result the global token mean
+    scale = dist.get_world_size() / n_labelled if n_labelled > 0 else 0.0
+    set_lr(optimizer, lr)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    z_sum = torch.zeros((), dtype=torch.float64, device=device)
+    real_tokens, flops = 0, 0.0
+    cfg = lm.config
+    for i, b in enumerate(micro_batches):
+        if a.data_parallel == "sdp":
+            set_gradient_sync(lm, i == len(micro_batches) - 1)
+        input_ids = b["input_ids"].to(device, non_blocking=True)
+        labels = b["labels"].to(device, non_blocking=True)
+        if a.packing:
+            mask = block_causal_mask(b["doc_ids"]).to(device, non_blocking=True)
+            pos = b["position_ids"].to(device, non_blocking=True)
+        else:  # right padding under a causal mask: padding never reaches a real token, no mask needed
+            mask, pos = None, None
+        out = lm(input_ids, labels, attention_mask=mask, position_ids=pos, loss_scale=scale)
+        out.loss.backward()
+        ce_sum += out.ce_sum.double()
+        z_sum += out.z_sum.double()
+        real_tokens += int(b["n_real_tokens"])
+        bsz, seqlen = input_ids.shape
+        flops += bsz * seqlen * flops_per_token(n_params_no_embed, cfg.num_hidden_layers, cfg.hidden_size, seqlen)
+    max_norm = a.clip_grad if a.clip_grad > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), max_norm=max_norm, foreach=True)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    ce_tot, z_tot, real_tot, flops_tot = all_reduce_sum([ce_sum.item(), z_sum.item(), real_tokens, flops], device)
+    denom = max(n_labelled, 1.0)
+    closs, z_loss = ce_tot / denom, z_tot / denom
+    loss = closs + a.z_loss_weight * z_loss
+    gn = float(grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(gn)):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingStopped(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                              f"(loss {loss}, grad_norm {gn})")
+    if n_labelled > 0:
+        optimizer.step()
+    else:
+        logger.warning("no labelled token in this global batch: no update")
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "closs": closs, "z_loss": z_loss, "grad_norm": gn, "tokens": int(n_labelled),
+            "real_tokens": real_tot, "flops": flops_tot}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
+    out = Path(a.output_dir)
+    if a.precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu" and a.precision in ("bf16", "fp16"):
+        logger.warning("--precision %s on a CPU is slow and loses precision; use --precision fp32", a.precision)
+    if a.precision == "fp16":
+        logger.warning("--precision fp16 runs without loss scaling (as Lumina); bf16 is the safe choice")
+    if a.cache_ann_on_disk:
+        logger.info("--cache_ann_on_disk: our record index is always memory-mapped; nothing to do")
+    if a.only_save_trainable:
+        logger.info("--only_save_trainable: every parameter is trainable, checkpoints hold all of them")
+    init_model_parallel(a.model_parallel_size)
+    seed_everything(a.seed + rank)
+    global_batch = a.batch_size * a.accum_iter * world
+    logger.info("world size %d, global batch %d = batch_size %d x accum_iter %d x %d ranks", world, global_batch,
+                a.batch_size, a.accum_iter, world)
+
+    # what to resume from
+    resume: Path | None = None
+    if a.resume_path:
+        resume = Path(a.resume_path)
+    elif a.auto_resume:
+        resume = ckpt.latest_checkpoint(out)
+    train_state = ckpt.read_train_state(resume) if resume is not None else None
+    if rank == 0:
+        ckpt.remove_stale_tmp(out)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+
+    # model: built on the meta device, sharded, then materialised shard by shard
+    model_dir, cfg_dict = _resolve_model_dir(a, rank)
+    config = config_from_dict(cfg_dict, where=f"{model_dir}/config.json")
+    config.max_position_embeddings = a.max_seq_len  # as Lumina: the context the model is trained for
+    lm = build_chameleon_lm(config, device="meta", mask_image_logits=a.mask_image_logits,
+                            z_loss_weight=a.z_loss_weight, dropout=a.dropout, loss_chunk_size=a.loss_chunk_size)
+    n_params, n_params_no_embed = _count_params(lm)
+    logger.info("model from %s: %.2fM parameters (%.2fM without embeddings), vocab %d, %d layers, hidden %d",
+                model_dir, n_params / 1e6, n_params_no_embed / 1e6, config.vocab_size, config.num_hidden_layers,
+                config.hidden_size)
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    parallelize(lm, mesh, data_parallel=a.data_parallel, precision=a.precision, grad_precision=a.grad_precision,
+                checkpointing=a.checkpointing)
+    lm.to_empty(device=device)
+    lm.reset_nonpersistent_buffers(device)
+    if resume is None:
+        _load_initial_weights(lm, model_dir, rank)
+    optimizer = build_optimizer(lm, lr=a.lr, weight_decay=a.wd, decay_norm_and_bias=a.decay_norm_and_bias)
+
+    # data
+    if rank == 0:
+        build_indexes(a.data_config)
+    dist.barrier()
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    data = build_train_data(a.data_config, max_seq_len=a.max_seq_len, micro_batch_size=a.batch_size,
+                            accum_iter=a.accum_iter, world_size=world, rank=rank, seed=a.seed,
+                            length_clustering=a.length_clustering, packing=a.packing, num_workers=a.num_workers,
+                            pin_mem=a.pin_mem, pad_id=pad_id)
+    if data.sampler.steps_per_epoch < 1:
+        raise TrainingStopped(f"--data_config {a.data_config}: {len(data.dataset)} items make no global batch of "
+                              f"{global_batch}; lower --batch_size / --accum_iter or add data")
+
+    # resume state
+    start_epoch, global_step, pending_rng = 0, 0, None
+    if resume is not None:
+        st = ckpt.load_checkpoint(resume, model=lm, optimizer=optimizer)
+        if st["global_batch_size"] != global_batch:
+            logger.warning("the global batch changed from %d to %d since the checkpoint: the rest of the epoch is "
+                           "re-batched (nothing replayed or skipped), but losses differ from the original run",
+                           st["global_batch_size"], global_batch)
+        data.sampler.load_state_dict(st["sampler"])
+        start_epoch = st["epoch"] + 1 if st["epoch_done"] else st["epoch"]
+        global_step = st["global_step"]
+        pending_rng = ckpt.load_rng(resume, rank) if st["world_size"] == world else None
+        if pending_rng is None:
+            logger.warning("checkpoint written by %d ranks, now %d: RNG streams restart from the seed",
+                           st["world_size"], world)
+            seed_everything(a.seed + rank + 1_000_003 * global_step)
+
+    def save(name: str, epoch: int, it: int, epoch_done: bool) -> Path:
+        state = {"epoch": epoch, "iter": it, "global_step": global_step, "epoch_done": epoch_done,
+                 "sampler": data.sampler.state_dict(), "world_size": world, "global_batch_size": global_batch,
+                 "steps_per_epoch": data.sampler.steps_per_epoch}
+        export = None
+        if epoch_done and a.export_hf:
+            def export(path: Path) -> None:
+                full = ckpt.gather_full_model_state(lm)
+                if rank == 0:
+                    vq = _read_vq(model_dir, config)
+                    ckpt.save_hf(full, config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
+        return ckpt.save_checkpoint(out, name, model=lm, optimizer=optimizer, train_state=state,
+                                    args=dataclasses.asdict(a), hf_config=json.loads(config.to_json_string()),
+                                    max_keep=a.ckpt_max_keep, export=export)
+
+    metrics = MetricsWriter(out, enabled=rank == 0)
+    lm.train()
+    last_saved = global_step if resume is not None else -1
+    spe = data.sampler.steps_per_epoch
+    total_steps = a.epochs * spe
+    stop = a.max_steps is not None and global_step >= a.max_steps
+    logger.info("training from epoch %d, step %d of %d (%d steps per epoch)", start_epoch, global_step, total_steps, spe)
+    try:
+        for epoch in range(start_epoch, a.epochs):
+            if stop:
+                break
+            data.sampler.set_epoch(epoch)
+            spe = data.sampler.steps_per_epoch
+            it_in_epoch = data.sampler.step
+            batches = _rng_neutral(data.loader) if it_in_epoch < spe else iter(())
+            if pending_rng is not None:
+                ckpt.restore_rng(pending_rng)
+                pending_rng = None
+            while it_in_epoch < spe:
+                if a.max_steps is not None and global_step >= a.max_steps:
+                    stop = True
+                    break
+                reset_peak_memory(device)
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(a.accum_iter)]
+                t_data = time.perf_counter() - t0
+                lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
+                try:
+                    m = train_step(lm, optimizer, micro, a=a, device=device, lr=lr,
+                                   n_params_no_embed=n_params_no_embed)
+                except TrainingStopped as e:
+                    last = ckpt.latest_checkpoint(out)
+                    raise TrainingStopped(f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1}): {e}; "
+                                          f"stopping before the update. Newest checkpoint, left intact: "
+                                          f"{last if last is not None else 'none'}") from None
+                dt = time.perf_counter() - t0
+                global_step += 1
+                it_in_epoch += 1
+                if global_step % a.log_every == 0:
+                    row = {"step": global_step, "epoch": epoch, "iter": it_in_epoch, "lr": lr, "loss": m["loss"],
+                           "closs": m["closs"], "z_loss": m["z_loss"], "grad_norm": m["grad_norm"], "time": dt,
+                           "data_time": t_data, "tokens_per_sec": m["real_tokens"] / dt / world,
+                           "tflops": m["flops"] / dt / world / 1e12, "memory": peak_memory_mb(device),
+                           "tokens": m["tokens"]}
+                    metrics.write(row)
+                    logger.info(format_console(row, total_steps))
+                epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
+                if (a.save_iteration_interval and it_in_epoch % a.save_iteration_interval == 0
+                        and not (it_in_epoch == spe and epoch_save_due)):
+                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
+                    last_saved = global_step
+            if stop:
+                if last_saved != global_step and global_step > 0:
+                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
+                logger.info("stopped at --max_steps %d", a.max_steps)
+                break
+            if epoch % a.save_interval == 0 or epoch + 1 == a.epochs:
+                save(ckpt.ckpt_name(epoch), epoch, spe, epoch_done=True)
+                last_saved = global_step
+        logger.info("training done: %d steps", global_step)
+    finally:
+        metrics.close()
+
+
+def _read_vq(model_dir: str, config) -> dict | None:
+    try:
+        full = read_hf_weights(Path(model_dir), config, with_vq=True)
+    except (ModelLoadError, OSError) as e:
+        logger.warning("cannot read the VQ model from %s (%s)", model_dir, e)
+        return None
+    return {k: v for k, v in full.items() if ".vqmodel." in k} or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        launch = detect_launch_env()
+        device = init_distributed(launch, a.dist_timeout)
+    except LaunchError as e:
+        logging.basicConfig(level=logging.INFO)
+        logger.error("%s", e)
+        return 2
+    rank, world = launch.rank, launch.world_size
+    if rank == 0:
+        Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    handlers = setup_logging(a.output_dir, rank)
+    logger.info("flags: %s", json.dumps(dataclasses.asdict(a)))
+    code = 0
+    try:
+        train(a, rank, world, device)
+    except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError) as e:
+        logger.error("%s", e)
+        code = 1
+    finally:
+        teardown_logging(handlers)
+        cleanup_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Resumable training checkpoints (sharded, atomic) and HF-format export.
+
+Layout (format ``lumina-stack-train-ckpt`` version 1), one directory per checkpoint:
+
+    {output_dir}/epoch{E}-iter{I}/   within epoch E, after I optimizer steps of it
+    {output_dir}/epoch{E}/           after the whole of epoch E
+        .metadata, __*_*.distcp      torch.distributed.checkpoint (DCP): {"model": ..., "optim": ...},
+                                     every rank writes its own shards; loads on any world size
+        rng/rank{r:05d}.pt           per rank: python, numpy, torch (and CUDA) RNG states
+                                     (torch.save of plain tensors/ints, read with weights_only=True)
+        trainer_state.json           {"format", "version", "epoch", "iter", "global_step", "epoch_done",
+                                      "sampler": {"epoch", "step"}, "world_size", "global_batch_size",
+                                      "steps_per_epoch"}
+        args.json                    the trainer's flags
+        config.json                  the model's transformers config
+        hf/                          (epoch ends, unless --no_export_hf) ChameleonForConditionalGeneration
+                                     save_pretrained output, safetensors
+        COMPLETE                     written last
+
+Atomicity: everything is written into ``{output_dir}/.tmp-{name}/``; after all ranks are done (barrier),
+rank 0 writes ``COMPLETE``, fsyncs, and renames the directory to its final name. Resume only considers
+directories named ``epoch{E}[-iter{I}]`` that contain ``COMPLETE``, so a crash (or SIGKILL) at any moment of a
+save leaves the previous checkpoint as the newest usable one; the stale ``.tmp-*`` is removed by the next
+run. ``--ckpt_max_keep N`` keeps the N newest complete checkpoints (<= 0: all). The output directory must
+be on a file system all ranks share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "lumina-stack-train-ckpt"
+VERSION = 1
+MARKER = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+NAME_RE = re.compile(r"^epoch(\d+)(?:-iter(\d+))?$")
+
+# indirection so a test can interrupt a save at a chosen point (see tests/test_trainer.py)
+dcp_save = dcp.save
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (incomplete, wrong format, other global batch); names the path."""
+
+
+def ckpt_name(epoch: int, iteration: int | None = None) -> str:
+    return f"epoch{epoch}" if iteration is None else f"epoch{epoch}-iter{iteration}"
+
+
+def sort_key(name: str) -> tuple[float, float]:
+    """Order of checkpoints in time: epoch{E}-iter{I} by (E, I); epoch{E} after every epoch{E}-iter{I}."""
+    m = NAME_RE.match(name)
+    if not m:
+        raise ValueError(f"not a checkpoint name: {name!r}")
+    return int(m.group(1)), (math.inf if m.group(2) is None else int(m.group(2)))
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and NAME_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: sort_key(p.name))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, max_keep: int) -> list[Path]:
+    """Deletes all but the ``max_keep`` newest complete checkpoints (``max_keep <= 0``: keep all)."""
+    if max_keep <= 0:
+        return []
+    doomed = complete_checkpoints(output_dir)[:-max_keep]
+    for p in doomed:
+        # make it invisible to resume first, so a crash mid-delete never leaves a half checkpoint "complete"
+        (p / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+        logger.info("deleted old checkpoint %s (--ckpt_max_keep %d)", p, max_keep)
+    return doomed
+
+
+def remove_stale_tmp(output_dir: str | Path) -> None:
+    out = Path(output_dir)
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                logger.warning("removing %s, left by an interrupted checkpoint save", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng() -> dict:
+    st = np.random.get_state()
+    out = {
+        "python": random.getstate(),
+        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
+                  "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _python_state_from_lists(obj):
+    # json-free round trip: torch.save keeps tuples, but be tolerant of lists
+    version, internal, gauss = obj
+    return version, tuple(internal), gauss
+
+
+def load_rng(ckpt: Path, rank: int) -> dict | None:
+    path = Path(ckpt) / "rng" / f"rank{rank:05d}.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["python"] = _python_state_from_lists(state["python"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, train_state: dict, args: dict,
+                    hf_config: dict, max_keep: int, export: Callable[[Path], None] | None = None) -> Path:
+    """Writes checkpoint ``name`` atomically (collective: every rank calls it). Returns its final path."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = Path(output_dir)
+    final, tmp = out / name, out / f"{TMP_PREFIX}{name}"
+    t0 = time.time()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rng_path = tmp / "rng" / f"rank{rank:05d}.pt"
+    torch.save(capture_rng(), rng_path)
+    with open(rng_path, "rb+") as f:
+        os.fsync(f.fileno())
+    if export is not None:
+        export(tmp / "hf")
+    _barrier()
+    if rank == 0:
+        _write_json(tmp / "trainer_state.json", {"format": FORMAT, "version": VERSION, **train_state})
+        _write_json(tmp / "args.json", args)
+        _write_json(tmp / "config.json", hf_config)
+        with open(tmp / MARKER, "w") as f:
+            f.write(f"{FORMAT} {VERSION}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = out / f"{TMP_PREFIX}old-{name}"
+        if final.exists():  # re-saving a name (a run restarted from an older checkpoint)
+            final.rename(old)
+        os.rename(tmp, final)
+        _fsync_dir(out)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out, max_keep)
+        logger.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
+    _barrier()
+    return final
+
+
+def read_train_state(ckpt: str | Path) -> dict:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MARKER} file: the save was interrupted)")
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt}/trainer_state.json: unreadable ({e})") from e
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise CheckpointError(f"{ckpt}: format {state.get('format')!r} version {state.get('version')!r}, "
+                              f"expected {FORMAT!r} version {VERSION}")
+    return state
+
+
+def load_checkpoint(ckpt: str | Path, *, model, optimizer) -> dict:
+    """Loads model and optimizer state (any world size; collective) and returns the trainer state."""
+    state = read_train_state(ckpt)
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    logger.info("loaded checkpoint %s (epoch %d, iter %d, global step %d)", ckpt, state["epoch"],
+                state["iter"], state["global_step"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF export
+
+
+def gather_full_model_state(model) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model state dict on CPU, on rank 0 only (collective; other ranks get {})."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf(full_sd: dict[str, torch.Tensor], config, out_dir: str | Path, *, dtype: torch.dtype,
+            vq_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``ChameleonForConditionalGeneration.save_pretrained`` output (safetensors) from our weights.
+
+    The VQ model, which training drops, is put back from ``vq_state_dict`` (keys ``model.vqmodel.*``, e.g.
+    from the --init_from checkpoint); without it, it is randomly initialised and a warning says so.
+    """
+    from transformers import ChameleonForConditionalGeneration
+    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding, ChameleonVQVAE
+
+    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        hf = ChameleonForConditionalGeneration(config)
+    sd = {k: v.to(dtype) for k, v in full_sd.items()}
+    vq = {k: v.to(dtype) for k, v in (vq_state_dict or {}).items()}
+    if not vq:
+        logger.warning("HF export %s: no VQ-model weights available, writing a randomly initialised VQ model "
+                       "(it is not used for training or token generation)", out_dir)
+        hf.model.vqmodel = ChameleonVQVAE._from_config(config.vq_config).to(dtype)
+        sd.update({f"model.vqmodel.{k}": v for k, v in hf.model.vqmodel.state_dict().items()})
+    sd.update(vq)
+    hf.load_state_dict(sd, strict=True, assign=True)
+    hf.model.rotary_emb = ChameleonRotaryEmbedding(config)
+    hf.config.dtype = dtype
+    hf.eval()
+    hf.save_pretrained(out_dir, safe_serialization=True, max_shard_size="10GB")
+    logger.info("exported HF-format model to %s (%s)", out_dir, dtype)
+    return out_dir

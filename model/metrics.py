@@ -1,0 +1,117 @@
+"""Training logs: ``common.log`` / ``rank-N.log`` handlers, ``metrics.jsonl``, TensorBoard when installed.
+
+``metrics.jsonl`` (rank 0 appends one JSON object per logged step; a resumed run appends to the same file,
+so a step may appear twice and the last line wins):
+
+    step            optimizer steps done since the start of training (global, 1-based after the update)
+    epoch, iter     epoch (0-based) and optimizer steps done within it
+    lr              learning rate used by this update
+    loss            closs + z_loss_weight * z_loss, over all labelled tokens of the global batch
+    closs           cross-entropy per labelled token (global batch)
+    z_loss          mean logsumexp^2 per labelled token (global batch), unweighted
+    grad_norm       total gradient norm before clipping
+    time            seconds of this step (data included); data_time: seconds waiting for data
+    tokens_per_sec  non-padding tokens per second, per rank (global tokens / time / world size)
+    tflops          model TFLOP/s per rank: (6 * non-embedding params + 12 * layers * hidden * seq_len)
+                    per padded token, forward + backward, not counting activation recomputation
+    memory          MB: peak CUDA memory allocated during the step, or on CPU the peak resident set size
+    tokens          labelled tokens in the global batch (the loss denominator)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "[rank{rank}:%(levelname)s|%(filename)s:%(lineno)s] %(asctime)s >> %(message)s"
+
+
+def setup_logging(output_dir: str | Path, rank: int) -> list[logging.Handler]:
+    """Console + ``common.log`` (INFO on rank 0, WARNING elsewhere) and ``rank-{rank}.log`` (INFO), as in
+    Lumina. Returns the handlers (``teardown_logging`` removes them)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(LOG_FORMAT.format(rank=rank))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    console = logging.StreamHandler(sys.stdout)
+    common = logging.FileHandler(out / "common.log")
+    own = logging.FileHandler(out / f"rank-{rank}.log")
+    for h, lv in ((console, level), (common, level), (own, logging.INFO)):
+        h.setLevel(lv)
+        h.setFormatter(fmt)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handlers = [console, common, own]
+    for h in handlers:
+        root.addHandler(h)
+    for noisy in ("torch.distributed", "transformers", "fsspec", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handlers
+
+
+def teardown_logging(handlers: list[logging.Handler]) -> None:
+    root = logging.getLogger()
+    for h in handlers:
+        root.removeHandler(h)
+        h.close()
+
+
+def flops_per_token(n_params_no_embed: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Model FLOPs per token for forward + backward (the PaLM / Megatron convention)."""
+    return 6.0 * n_params_no_embed + 12.0 * n_layers * hidden * seq_len
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class MetricsWriter:
+    """Rank 0's sink for per-step metrics: metrics.jsonl, and TensorBoard if the package is installed."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+            else:
+                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_console(row: dict, steps_total: int) -> str:
+    return (f"epoch {row['epoch']} iter {row['iter']} step {row['step']}/{steps_total}  loss {row['loss']:.4f}  "
+            f"closs {row['closs']:.4f}  z_loss {row['z_loss']:.3f}  lr {row['lr']:.3e}  "
+            f"grad_norm {row['grad_norm']:.3f}  {row['tokens_per_sec']:.0f} tok/s/rank  "
+            f"{row['tflops']:.3f} TFLOP/s/rank  time {row['time']:.3f}s (data {row['data_time']:.3f}s)  "
+            f"mem {row['memory']:.0f}MB")
