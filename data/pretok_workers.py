@@ -99,12 +99,6 @@ def _init_worker(processor, base_dir: Path | None, parent_pid: int) -> None:
     global _processor, _base_dir
     _die_with_parent(parent_pid)
     _processor, _base_dir = processor, base_dir
-    try:  # workers do PIL/numpy/BPE work; keep any torch use in them single-threaded
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def _prepare_chunk(chunk: list[InputItem]) -> list[tuple]:

@@ -26,6 +26,7 @@ import heapq
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ RUN_FORMAT = "lumina-stack-pretokenize-run"
 DONE_FORMAT = "lumina-stack-pretokenize-done"
 RUN_VERSION = 1
 # run.json keys that must match on a re-run; the others (paths) are informational.
+# A killed run's worker processes die with it, but a moment later (they get SIGKILL from the kernel when
+# their parent dies); an immediate re-run waits this long for them before calling the rank busy.
+LOCK_WAIT_SECONDS = 10.0
 RUN_CHECKED_KEYS = ("version", "rank", "splits", "num_items", "start", "end", "in_format",
                     "target_size", "tokenizer_sha256")
 
@@ -211,12 +215,17 @@ class RankWriter:
         shard_path = out_dir / shard_name(rank, splits)
         # One writer per rank: a lock on the shard (released by the kernel when the process dies).
         w._lock_fd = os.open(shard_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(w._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(w._lock_fd)
-            raise OutputConflictError(f"{shard_path}: another process is writing rank {rank} of "
-                                      f"{splits} into {out_dir}") from None
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(w._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(w._lock_fd)
+                    raise OutputConflictError(f"{shard_path}: another process is writing rank {rank} of "
+                                              f"{splits} into {out_dir}") from None
+                time.sleep(0.05)
         try:
             w._check_run_info(run_info)
             if (out_dir / done_name(rank, splits)).exists():

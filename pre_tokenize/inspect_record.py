@@ -126,9 +126,18 @@ def iter_items(args: InspectArgs) -> Iterator[Item]:
 
 
 def find_tokenizer_dir(args: InspectArgs) -> Path:
+    """--tokenizer_dir, else the bundle named in a *-run.json beside the record or beside its shards."""
     if args.tokenizer_dir is not None:
         return args.tokenizer_dir
-    for run in sorted(args.record.parent.glob("*-run.json")):
+    dirs = [args.record.parent]
+    if args.record.suffix in (".json", ".jsonl"):
+        try:
+            first = next(iter_record_file(args.record), None)
+        except RecordFormatError:
+            first = None
+        if first is not None:
+            dirs.append((args.record.parent / first.file).parent)
+    for run in (r for d in dirs for r in sorted(d.glob("*-run.json"))):
         try:
             d = json.loads(run.read_text(encoding="utf-8")).get("tokenizer_dir")
         except (json.JSONDecodeError, OSError):
