@@ -13,7 +13,8 @@
 ``loader`` is a ``torch.utils.data.DataLoader`` whose ``batch_sampler`` is the sampler. Workers fetch
 micro-batches ahead of use, which moves the sampler's own cursor ahead; the loader therefore sets the
 sampler's position from the batches it has actually handed to the caller, so ``state_dict()`` taken
-between steps is exact. ``pin_memory`` is used only when asked for and CUDA is available.
+between steps is exact. ``pin_memory`` is used only when asked for and CUDA is available. Iterating
+never draws from the global torch RNG (the loader has its own generator).
 
 With several ranks, build missing indexes first on one rank (``build_indexes``) and barrier: ranks
 building the same ``{record}.index/`` at the same time replace each other's directory.
@@ -82,8 +83,11 @@ def build_train_data(data_config_path: str | os.PathLike, *, max_seq_len: int, m
     pin = bool(pin_mem) and torch.cuda.is_available()
     if pin_mem and not pin:
         logger.info("pin_mem requested but CUDA is not available; not pinning memory")
+    # Its own generator: a DataLoader draws each iteration's worker base seed from it, and from the global
+    # torch RNG without one, which would shift the dropout stream of a resumed run against an unbroken one.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     loader = ResumableDataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin, generator=generator,
         collate_fn=functools.partial(collate, max_seq_len=max_seq_len, pad_id=pad_id, packing=packing,
                                      pad_to_max_len=pad_to_max_len))
     logger.info("train data: %d items, %d types %s, global batch %d, %d steps per epoch, rank %d of %d, "

@@ -72,9 +72,15 @@ class _SampledDataset(Protocol):
     def __len__(self) -> int: ...
 
 
+def _index_dtype(n: int) -> type:
+    # int32 halves the plan's memory and speeds up its gathers (10M items: 40 MB per index array).
+    return np.int32 if n < 2**31 else np.int64
+
+
 def draw_epoch(dataset: _SampledDataset, seed: int, epoch: int) -> list[np.ndarray]:
     """Step 1 of the plan: per type, the dataset indices drawn for this epoch, in a random order."""
     rng = np.random.default_rng([seed, epoch, 0])
+    dt = _index_dtype(len(dataset))
     parts: list[list[np.ndarray]] = [[] for _ in dataset.type_names]
     for (start, stop), t, spec in zip(dataset.source_ranges, dataset.source_type, dataset.sources):
         n = stop - start
@@ -82,28 +88,37 @@ def draw_epoch(dataset: _SampledDataset, seed: int, epoch: int) -> list[np.ndarr
         if n == 0 or count == 0:
             continue
         reps, rest = divmod(count, n)
-        parts[t].extend([np.arange(start, stop, dtype=np.int64)] * reps)
+        parts[t].extend([np.arange(start, stop, dtype=dt)] * reps)
         if rest:
-            parts[t].append(start + rng.choice(n, size=rest, replace=False))
+            parts[t].append((start + rng.choice(n, size=rest, replace=False)).astype(dt))
     out = []
     for p in parts:
-        items = np.concatenate(p) if p else np.zeros(0, dtype=np.int64)
-        out.append(items[rng.permutation(items.shape[0])])
+        items = np.concatenate(p) if p else np.zeros(0, dtype=dt)  # a copy: shuffling it is safe
+        rng.shuffle(items)
+        out.append(items)
     return out
 
 
-def make_global_batches(slots_by_type: list[np.ndarray], slot_length: np.ndarray, global_batch_size: int,
+def sort_keys(lengths: np.ndarray, max_seq_len: int | None) -> np.ndarray:
+    """Clustering keys: lengths clipped at max_seq_len, as uint16 when they fit, because numpy's stable
+    argsort is a radix sort for 16-bit keys (10M items: ~0.1 s instead of ~1 s)."""
+    keys = lengths if max_seq_len is None else np.minimum(lengths, max_seq_len)
+    return keys.astype(np.uint16) if keys.size and int(keys.max()) < 2**16 else keys
+
+
+def make_global_batches(slots_by_type: list[np.ndarray], slot_key: np.ndarray, global_batch_size: int,
                         length_clustering: bool, rng: np.random.Generator) -> np.ndarray:
-    """Steps 2-3 of the plan: int64[num_batches, G] of slot ids (positions in the epoch's draw)."""
+    """Steps 2-3 of the plan: [num_batches, G] slot ids (positions in the epoch's draw)."""
     G = global_batch_size
+    dt = slots_by_type[0].dtype if slots_by_type else np.int64
     batches = []
     for slots in slots_by_type:
         nb = slots.shape[0] // G
         s = slots[:nb * G]  # drop this type's remainder: the tail of a random order
         if length_clustering and nb > 1:
-            s = s[np.argsort(slot_length[s], kind="stable")]
+            s = s[np.argsort(slot_key[s], kind="stable")]
         batches.append(s.reshape(nb, G))
-    allb = np.concatenate(batches) if batches else np.zeros((0, G), dtype=np.int64)
+    allb = np.concatenate(batches) if batches else np.zeros((0, G), dtype=dt)
     return allb[rng.permutation(allb.shape[0])]
 
 
@@ -138,29 +153,30 @@ class ResumableBatchSampler:
     # ------------------------------------------------------------------------------------- plan
 
     def _plan(self) -> tuple[np.ndarray, int]:
-        """(int64[batches, G] dataset indices of the current segment, global batches consumed before it)."""
+        """([batches, G] dataset indices of the current segment, global batches consumed before it)."""
         key = (self.epoch, tuple(self._segments), self.global_batch_size, self.seed, self.length_clustering,
                len(self.dataset))
         if self._cache_key != key:
             drawn = draw_epoch(self.dataset, self.seed, self.epoch)
-            slot_item = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
-            bounds = np.cumsum([0] + [d.shape[0] for d in drawn])
-            avail = [np.arange(bounds[t], bounds[t + 1], dtype=np.int64) for t in range(len(drawn))]
-            lengths = np.asarray(self.dataset.lengths)
-            max_len = getattr(self.dataset, "max_seq_len", None)
-            slot_length = lengths[slot_item]
-            if max_len is not None:
-                slot_length = np.minimum(slot_length, max_len)
+            sizes = [d.shape[0] for d in drawn]
+            dt = _index_dtype(sum(sizes))
+            slot_item = np.concatenate(drawn) if drawn else np.zeros(0, dtype=dt)
+            del drawn
+            bounds = np.cumsum([0] + sizes)
+            avail = [np.arange(bounds[t], bounds[t + 1], dtype=dt) for t in range(len(sizes))]
+            slot_key = sort_keys(np.asarray(self.dataset.lengths), getattr(self.dataset, "max_seq_len", None))
+            slot_key = slot_key[slot_item]
             done = 0
             for k, (g, consumed) in enumerate(self._segments):
-                b = make_global_batches(avail, slot_length, g, self.length_clustering,
+                b = make_global_batches(avail, slot_key, g, self.length_clustering,
                                         np.random.default_rng([self.seed, self.epoch, 1 + k]))
                 used = np.zeros(slot_item.shape[0], dtype=bool)
                 used[b[:consumed].ravel()] = True
                 avail = [a[~used[a]] for a in avail]
                 done += consumed
-            cur = make_global_batches(avail, slot_length, self.global_batch_size, self.length_clustering,
+            cur = make_global_batches(avail, slot_key, self.global_batch_size, self.length_clustering,
                                       np.random.default_rng([self.seed, self.epoch, 1 + len(self._segments)]))
+            del avail, slot_key
             self._cache = (slot_item[cur], done)
             self._cache_key = key
         return self._cache

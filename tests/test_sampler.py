@@ -242,7 +242,9 @@ def test_loader_state_counts_received_batches_not_prefetched_ones(tmp_path, pack
     again = build_train_data(cfg, num_workers=1, **kw)
     again.sampler.load_state_dict(state)
     again.sampler.set_epoch(0)
+    rng = torch.get_rng_state()
     rest = [b["input_ids"] for b in again.loader]
+    assert torch.equal(torch.get_rng_state(), rng)  # the loader leaves the global RNG (dropout) alone
     assert len(taken) + len(rest) == len(full) == again.sampler.steps_per_epoch * 2
     for a, b in zip(taken + rest, full):
         assert torch.equal(a, b)
