@@ -167,9 +167,14 @@ def segments(tok, tokens: np.ndarray, labels: np.ndarray) -> Iterator[tuple[str,
         pos = e
 
 
+def _mark(text: str, color: bool) -> str:
+    return f"{GREEN}{text}{RESET}" if color else f"{OPEN}{text}{CLOSE}"
+
+
 def text_view(tok, item: Item, color: bool, render_dir: Path | None) -> str:
     tokens, labels = item.tokens, item.labels
-    parts, k = [], 0
+    parts: list[tuple[bool, list[str]]] = []
+    k = 0
     for kind, s, e, trained in segments(tok, tokens, labels):
         if kind == "text":
             piece = tok.decode_text(tokens[s:e].tolist())
@@ -184,14 +189,16 @@ def text_view(tok, item: Item, color: bool, render_dir: Path | None) -> str:
             except ValueError as err:
                 piece = f"[image block, unreadable: {err}]"
             k += 1
-        if trained:
-            piece = f"{GREEN}{piece}{RESET}" if color else f"{OPEN}{piece}{CLOSE}"
-        parts.append(piece)
+        if parts and parts[-1][0] == trained:  # one mark around adjacent labelled text and images
+            parts[-1][1].append(piece)
+        else:
+            parts.append((trained, [piece]))
+    text = "".join(_mark("".join(p), color) if t else "".join(p) for t, p in parts)
     n_trained = int((labels != IGNORE_INDEX).sum())
     bad = int(((labels != IGNORE_INDEX) & (labels != tokens)).sum())
     head = (f"### id {item.id} · {len(tokens)} tokens · {n_trained} labelled · {k} image(s) · {item.source}"
             + (f" · WARNING: {bad} labels differ from their tokens" if bad else ""))
-    return head + "\n" + "".join(parts) + "\n"
+    return head + "\n" + text + "\n"
 
 
 def save_png(tok, codes: np.ndarray, out: Path) -> None:
