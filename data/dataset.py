@@ -13,6 +13,7 @@ Validation at open (each error is a ``RecordFormatError`` naming the record file
   * a token shard that is missing, is not a shard (magic/version), or is shorter than its records
     claim: the largest ``offset + 2 * len`` per shard, from the index columns read in chunks, against
     the shard's size;
+  * a ``len`` that overlaps the next item of the same shard (consecutive records, increasing offsets);
   * an item with ``len`` < 1; a file named both by shard records and by pickle records.
 Validation at read (``__getitem__``), where checking at open would cost O(items) file opens (Lumina's
 per-item ``.pkl`` records: 10M files cannot be stat'ed at open):
@@ -143,8 +144,11 @@ def _validate_source(src: _Source) -> None:
     shard_end = None  # per file: largest offset + 2*len over its shard records, -1 if none
     has_pkl = None
     n_rows = 0
+    prev = None  # (file, offset, end) of the previous chunk's last row
     for row0, f, off, ln in _index_chunks(src.index_dir):
         n_rows += f.shape[0]
+        _check_no_overlap(src, row0, f, off, off + 2 * ln.astype(np.int64), prev)
+        prev = (f[-1:], off[-1:], off[-1:] + 2 * ln[-1:].astype(np.int64))
         bad = np.flatnonzero(ln < 1)
         if bad.size:
             _raise_for_row(src, row0 + int(bad[0]), "has len < 1 (an empty item cannot be trained on)")
@@ -187,6 +191,22 @@ def _validate_source(src: _Source) -> None:
             _raise_for_row(src, row, f"ends past the end of token shard {path}, which holds {elements} "
                            f"int32 elements after its header: the shard is shorter than its records claim "
                            f"(truncated copy, or records from another run?)")
+
+
+def _check_no_overlap(src: _Source, row0: int, f: np.ndarray, off: np.ndarray, end: np.ndarray, prev) -> None:
+    """A ``len`` mismatch shows where a record claims tokens past the start of the next record of the same
+    shard (consecutive records with increasing offsets: the writer's layout). Gaps are allowed (a
+    filtered record file skips items); a too-small ``len`` there cannot be seen without reading tokens."""
+    if prev is not None:
+        f, off, end = np.concatenate((prev[0], f)), np.concatenate((prev[1], off)), np.concatenate((prev[2], end))
+        row0 -= 1
+    nxt = (f[1:] == f[:-1]) & (off[:-1] >= 0) & (off[1:] > off[:-1])
+    hit = np.flatnonzero(nxt & (end[:-1] > off[1:]))
+    if hit.size:
+        k = int(hit[0])
+        _raise_for_row(src, row0 + k, f"its len claims shard elements up to {int(end[k])}, past the start of the "
+                       f"next record's item at offset {int(off[k + 1])} (row {row0 + k + 1}): the len does not "
+                       f"match the shard")
 
 
 def _first_row_of_file(src: _Source, fi: int) -> int:

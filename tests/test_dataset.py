@@ -86,12 +86,29 @@ def test_missing_shard_is_an_error_at_open_naming_record_and_item(tmp_path):
     assert str(rec) in str(e.value) and shard_name(0, 1) in str(e.value)
 
 
-def test_shard_shorter_than_its_records_is_an_error_at_open(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [1 << 20, 1])
+def test_shard_shorter_than_its_records_is_an_error_at_open(tmp_path, monkeypatch, chunk_rows):
+    monkeypatch.setattr("data.dataset._CHUNK_ROWS", chunk_rows)
     rec, _ = write_shard_records(tmp_path, [4, 5, 6])
     shard = tmp_path / shard_name(0, 1)
     with open(shard, "r+b") as f:  # cut into the last item
         f.truncate(shard.stat().st_size - 8)
     with pytest.raises(RecordFormatError, match=r"item id 2 .*shorter than its records claim") as e:
+        RecordDataset([DataSource(rec)], max_seq_len=8)
+    assert str(rec) in str(e.value)
+
+
+@pytest.mark.parametrize("chunk_rows", [1 << 20, 2])  # 2: the overlap spans two validation chunks
+def test_shard_len_mismatch_is_an_error_at_open(tmp_path, monkeypatch, chunk_rows):
+    monkeypatch.setattr("data.dataset._CHUNK_ROWS", chunk_rows)
+    rec, _ = write_shard_records(tmp_path, [4, 5, 6])
+    lines = rec.read_text().splitlines()
+    d = json.loads(lines[1])
+    d["len"] = 7  # item 1 really has 5 tokens: 7 would run into item 2
+    lines[1] = json.dumps(d)
+    rec.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordFormatError, match=r"item id 1 .*past the start of the next record's item .*len does "
+                                                r"not match the shard") as e:
         RecordDataset([DataSource(rec)], max_seq_len=8)
     assert str(rec) in str(e.value)
 
