@@ -28,17 +28,18 @@ State and resume. ``state_dict()`` is ``{"epoch", "step", "global_batch_size", "
 
 * Same G (any world_size / micro_batch_size / accum_iter with the same product): exactly the remaining
   global batches, in the same order; no item replayed or skipped.
-* Different G: the items of the first ``step`` global batches (those consumed) are not used again this
-  epoch. Every other item drawn for the epoch (including the ones the old plan had dropped as its
+* Different G: the draws (step 1) of the first ``step`` global batches, those consumed, are not used
+  again this epoch. Every other draw of the epoch (including those the old plan had dropped as its
   remainder) is batched again by step 2 with the new G, and ordered by step 3 with
-  ``default_rng([seed, epoch, 1 + k])`` for the k-th size change in the epoch. So nothing is replayed
-  and nothing is skipped except the new per-type remainder (fewer than G items per type). Such changes
+  ``default_rng([seed, epoch, 1 + k])`` after the k-th size change in the epoch (k = 1, 2, ...). So
+  nothing is replayed and nothing is skipped except the new per-type remainder (fewer than G draws per
+  type); an item drawn twice (ratio > 1) and consumed once still comes once more. Such changes
   are recorded in ``segments`` (``[[G_old, steps consumed with G_old], ...]``) so that a later resume,
   with yet another G, rebuilds the same plan. ``step`` keeps counting all global batches of the epoch;
   ``steps_per_epoch`` is then this epoch's actual count. The next epoch is the normal plan for the new G.
-* A changed seed, clustering flag or dataset size cannot be honoured exactly: it is logged as a
-  warning and the iteration starts at ``step`` of the new plan (samples may repeat or be missed in
-  that epoch only).
+* A changed seed, clustering flag or dataset cannot be honoured exactly: a change of the seed, the flag
+  or the item count is logged as a warning (other dataset changes are not detected) and the iteration
+  starts at ``step`` of the new plan (items may repeat or be missed in that epoch only).
 
 Consumption is counted when a micro-batch is handed out: iterating this sampler directly marks each
 micro-batch consumed as it is yielded (after the last micro-batch of a global batch, ``step`` has
