@@ -32,7 +32,6 @@ shards and do.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time
@@ -44,7 +43,7 @@ import numpy as np
 
 from data.data_config import DataSource
 from data.lumina_pickle import UnsafePickleError, load_lumina_item
-from data.records import RecordFormatError, ShardReader, build_index, index_dir_for, index_is_current
+from data.records import RecordFormatError, ShardReader, ensure_index
 
 logger = logging.getLogger(__name__)
 
@@ -234,20 +233,6 @@ def _raise_for_row(src: _Source, row: int, what: str) -> None:
                             f"len {int(c.len[row])}, file {fname}): {what}")
 
 
-def _open_index_meta(record_path: Path) -> tuple[Path, list[str]]:
-    """(index dir, file names as stored) of a record file, building the index first if missing or stale.
-    Like data.records.open_index, without mapping the columns or making a Path per file name."""
-    if not record_path.is_file():
-        raise FileNotFoundError(f"record file {record_path} does not exist; make one with "
-                                f"pre_tokenize/pre_tokenize.py and pre_tokenize/concat_record.py")
-    if not index_is_current(record_path):
-        logger.info("building the index of %s (done once; concat_record.py writes it ahead)", record_path)
-        build_index(record_path)
-    d = index_dir_for(record_path)
-    meta = json.loads((d / "meta.json").read_text())
-    return d, meta["files"]
-
-
 class RecordDataset:
     """All items of the given sources; ``dataset[i] -> {"input_ids", "labels"}`` (int64, at most
     ``max_seq_len`` tokens: longer items are truncated, their tail is not trained on).
@@ -271,7 +256,8 @@ class RecordDataset:
         lengths = []
         start = 0
         for spec in self.sources:
-            d, files = _open_index_meta(spec.path)
+            d, meta = ensure_index(spec.path)
+            files = meta["files"]
             # A plain read, not the memory map: the sampler needs every length, and an anonymous copy
             # is counted once in RSS, where a fully touched map plus a copy would count twice.
             ln = np.load(d / "len.npy", allow_pickle=False)

@@ -30,7 +30,9 @@ Record index ``{record}.index/`` beside a record file (``record.json.index/``), 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ SHARD_VERSION = 1
 SHARD_HEADER = struct.pack("<8sII", SHARD_MAGIC, SHARD_VERSION, 0)
 SHARD_HEADER_BYTES = len(SHARD_HEADER)  # 16
 IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "lumina-stack-record-index"
 INDEX_VERSION = 1
@@ -230,20 +234,31 @@ def build_index(record_path: str | os.PathLike, records: Iterable[Record] | None
                                 ("offset", offsets, np.int64), ("len", lens, np.int32)):
         np.save(tmp / f"{name}.npy", np.asarray(values, dtype=dtype), allow_pickle=False)
     (tmp / "meta.json").write_text(json.dumps(meta))
-    if out.exists():
-        for p in out.iterdir():
-            p.unlink()
-        out.rmdir()
-    os.replace(tmp, out)
+    # Swap in the new directory; a concurrent builder of the same index (another rank) may win the race,
+    # which is fine: it wrote the same content.
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    try:
+        os.replace(out, old)
+    except FileNotFoundError:
+        pass
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not index_is_current(record_path):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 @dataclass
 class RecordIndex:
-    """The columns of a record index, memory-mapped. ``files`` are absolute paths."""
+    """The columns of a record index, memory-mapped. ``file_names`` are as stored (relative to the
+    record file's directory unless absolute); ``file_path(k)`` resolves one. Paths are resolved lazily
+    because Lumina records name one .pkl per item: making 10M Path objects at open takes minutes."""
 
     record_path: Path
-    files: list[Path]
+    file_names: list[str]
     id: np.ndarray
     file: np.ndarray
     offset: np.ndarray
@@ -252,9 +267,13 @@ class RecordIndex:
     def __len__(self) -> int:
         return int(self.id.shape[0])
 
+    def file_path(self, k: int) -> Path:
+        p = Path(self.file_names[k])
+        return p if p.is_absolute() else self.record_path.parent / p
+
     def record(self, i: int) -> Record:
         off = int(self.offset[i])
-        return Record(id=int(self.id[i]), file=str(self.files[int(self.file[i])]), len=int(self.len[i]),
+        return Record(id=int(self.id[i]), file=str(self.file_path(int(self.file[i]))), len=int(self.len[i]),
                       offset=None if off < 0 else off)
 
 
@@ -271,21 +290,25 @@ def index_is_current(record_path: str | os.PathLike) -> bool:
             and meta.get("record_size") == st.st_size and meta.get("record_mtime_ns") == st.st_mtime_ns)
 
 
-def open_index(record_path: str | os.PathLike, build_if_missing: bool = True) -> RecordIndex:
-    """Opens (building first if missing or stale) the index of a record file, memory-mapped."""
+def ensure_index(record_path: str | os.PathLike, build_if_missing: bool = True) -> tuple[Path, dict]:
+    """(index dir, meta) of a record file, building the index first if it is missing or stale."""
     record_path = Path(record_path)
-    if not record_path.exists():
+    if not record_path.is_file():
         raise FileNotFoundError(f"record file {record_path} does not exist; make one with "
                                 f"pre_tokenize/pre_tokenize.py and pre_tokenize/concat_record.py")
     if not index_is_current(record_path):
         if not build_if_missing:
             raise RecordFormatError(f"{record_path}: index {index_dir_for(record_path)} is missing or "
                                     f"older than the record file; run pre_tokenize/concat_record.py")
+        logger.info("building the index of %s (done once; concat_record.py writes it ahead)", record_path)
         build_index(record_path)
     d = index_dir_for(record_path)
-    meta = json.loads((d / "meta.json").read_text())
+    return d, json.loads((d / "meta.json").read_text())
+
+
+def open_index(record_path: str | os.PathLike, build_if_missing: bool = True) -> RecordIndex:
+    """Opens (building first if missing or stale) the index of a record file, memory-mapped."""
+    d, meta = ensure_index(record_path, build_if_missing)
     cols = {name: np.load(d / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name in ("id", "file", "offset", "len")}
-    base = record_path.parent
-    files = [p if Path(p).is_absolute() else base / p for p in map(Path, meta["files"])]
-    return RecordIndex(record_path=record_path, files=files, **cols)
+    return RecordIndex(record_path=Path(record_path), file_names=meta["files"], **cols)

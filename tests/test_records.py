@@ -37,7 +37,7 @@ def test_shard_items_read_back_exactly_through_the_index(tmp_path):
     (tmp_path / "record.json").write_text(json.dumps([json.loads(r.to_json()) for r in records]))
     index = open_index(tmp_path / "record.json")
     assert len(index) == 3 and index_is_current(tmp_path / "record.json")
-    reader = ShardReader(index.files[0])
+    reader = ShardReader(index.file_path(0))
     rec = index.record(2)
     tokens, labels = reader.read(rec.offset, rec.len)
     assert tokens.tolist() == [2000, 2001, 2002, 2003, 2004]
