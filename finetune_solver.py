@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.output_dir).mkdir(parents=True, exist_ok=True)
     dist.barrier()
     handlers = setup_logging(a.output_dir, rank)
+    logger.info("launcher %s: rank %d of %d (local rank %d), master %s:%d, backend %s, device %s", launch.launcher,
+                rank, world, launch.local_rank, launch.master_addr, launch.master_port, dist.get_backend(), device)
     logger.info("flags: %s", json.dumps(dataclasses.asdict(a)))
     code = 0
     try:

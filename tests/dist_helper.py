@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Mapping
@@ -68,27 +70,44 @@ def _child(fn: Callable[[int], None], rank: int, env: dict, q) -> None:
 
 
 def spawn(fn: Callable[[int], None], world_size: int, timeout: float,
-          env_for_rank: Callable[[int], dict] = lambda r: {}) -> None:
-    """Runs ``fn(rank)`` in ``world_size`` spawned processes; fails on any error, crash or timeout."""
+          env_for_rank: Callable[[int], dict] = lambda r: {}, silent_ranks: tuple[int, ...] = ()) -> None:
+    """Runs ``fn(rank)`` in ``world_size`` spawned processes; fails on any error, crash or timeout.
+    ``silent_ranks`` may exit without reporting (a test of a rank that dies on purpose)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(fn, r, env_for_rank(r), q), daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
-    errors = {}
+    reports: dict[int, str | None] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            rank, err = q.get(timeout=timeout)
-            if err:
-                errors[rank] = err
-    except Exception as e:  # queue.Empty: someone hangs or died without reporting
-        raise AssertionError(f"distributed test did not finish in {timeout}s "
-                             f"(exit codes {[p.exitcode for p in procs]})") from e
+        while len(reports) < world_size:
+            try:
+                rank, err = q.get(timeout=0.2)
+                reports[rank] = err
+                continue
+            except queue.Empty:
+                pass
+            if all(not p.is_alive() for p in procs):
+                while True:  # drain what arrived in the meantime
+                    try:
+                        rank, err = q.get(timeout=0.5)
+                        reports[rank] = err
+                    except queue.Empty:
+                        break
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"distributed test did not finish in {timeout}s (hung ranks: "
+                                     f"{[r for r, p in enumerate(procs) if p.is_alive()]})")
     finally:
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+    errors = {r: e for r, e in reports.items() if e}
+    missing = [r for r in range(world_size) if r not in reports and r not in silent_ranks]
+    if missing:
+        errors.update({r: f"exited with code {procs[r].exitcode} without reporting" for r in missing})
     if errors:
         raise AssertionError("\n".join(f"rank {r}:\n{e}" for r, e in sorted(errors.items())))
 

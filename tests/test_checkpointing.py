@@ -1,0 +1,114 @@
+"""Checkpoint bookkeeping (model/checkpointing.py), the tiny model maker and Lumina's starting point."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from model import checkpointing as ck
+from model.chameleon_lm import image_token_ids, load_hf_config, zero_image_head
+from model.make_tiny_model import make_tiny_model
+
+
+def _fake_ckpt(out, name, complete=True):
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "x").write_text("data")
+    if complete:
+        (d / ck.MARKER).write_text("done")
+    return d
+
+
+def test_checkpoints_sort_by_epoch_then_iteration_with_epoch_end_last():
+    names = ["epoch1", "epoch0-iter10", "epoch1-iter2", "epoch0", "epoch0-iter9", "epoch10-iter1"]
+    assert sorted(names, key=ck.sort_key) == ["epoch0-iter9", "epoch0-iter10", "epoch0", "epoch1-iter2", "epoch1",
+                                              "epoch10-iter1"]
+    with pytest.raises(ValueError):
+        ck.sort_key(".tmp-epoch0")
+
+
+def test_latest_checkpoint_ignores_incomplete_and_temporary_dirs(tmp_path):
+    _fake_ckpt(tmp_path, "epoch0-iter4")
+    _fake_ckpt(tmp_path, "epoch0-iter8", complete=False)   # crashed before its marker
+    _fake_ckpt(tmp_path, ".tmp-epoch0-iter12")             # crashed mid-save
+    _fake_ckpt(tmp_path, "starting_point")
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "epoch0-iter4"
+    with pytest.raises(ck.CheckpointError, match="incomplete"):
+        ck.read_train_state(tmp_path / "epoch0-iter8")
+    ck.remove_stale_tmp(tmp_path)
+    assert not (tmp_path / ".tmp-epoch0-iter12").exists()
+    assert ck.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    for n in ["epoch0-iter2", "epoch0-iter4", "epoch0", "epoch1-iter2"]:
+        _fake_ckpt(tmp_path, n)
+    assert ck.prune_checkpoints(tmp_path, 0) == []
+    ck.prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["epoch0", "epoch1-iter2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0", "epoch1-iter2"]
+
+
+def test_rng_state_round_trips_through_a_file(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    (tmp_path / "rng").mkdir()
+    torch.save(ck.capture_rng(), tmp_path / "rng" / "rank00000.pt")
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    ck.restore_rng(ck.load_rng(tmp_path, 0))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
+    assert ck.load_rng(tmp_path, 1) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_bundle, tmp_path_factory):
+    return make_tiny_model(tiny_bundle, tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+def test_tiny_model_fits_the_bundle_and_is_deterministic(tiny_bundle, tiny_model, tiny_tokenizer, tmp_path):
+    cfg = load_hf_config(tiny_model)
+    assert cfg.vocab_size == tiny_tokenizer.vocab_size
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tiny_tokenizer.bos_id, tiny_tokenizer.eos_id,
+                                                                       tiny_tokenizer.pad_id)
+    assert cfg.vocabulary_map["<image>"] == tiny_tokenizer.vocab["<reserved08707>"]
+    assert image_token_ids(cfg).tolist() == tiny_tokenizer.image_token_ids
+    again = make_tiny_model(tiny_bundle, tmp_path / "again", seed=0)
+    assert (again / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert (again / "config.json").read_text() == (tiny_model / "config.json").read_text()
+
+
+def test_tiny_model_loads_in_transformers_with_the_bundle_vqgan(tiny_model, tiny_tokenizer):
+    from transformers import ChameleonForConditionalGeneration
+
+    hf = ChameleonForConditionalGeneration.from_pretrained(tiny_model).eval()
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        codes_hf = hf.model.vqmodel.encode(pixels).image_tokens.reshape(-1)
+    assert torch.equal(codes_hf.cpu(), tiny_tokenizer.encode_images(pixels).reshape(-1).cpu())
+
+
+def test_zero_image_head_zeroes_exactly_the_image_rows(tiny_model, tmp_path):
+    out = zero_image_head(tiny_model, tmp_path / "start")
+    ids = image_token_ids(load_hf_config(out))
+    with safe_open(str(tiny_model / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            if k == "lm_head.weight":
+                assert torch.count_nonzero(y[ids]) == 0
+                keep = torch.ones(x.shape[0], dtype=torch.bool)
+                keep[ids] = False
+                assert torch.equal(x[keep], y[keep]) and torch.count_nonzero(x[ids]) > 0
+            else:
+                assert torch.equal(x, y), k
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_model / "config.json").read_text())
