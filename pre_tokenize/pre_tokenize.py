@@ -90,6 +90,8 @@ class PretokArgs:
         "(bit-exact output for any --batch_size). Default: on for CPU, where convolution results change "
         "in the last bits with the batch size and batching gains little; off for CUDA, where batching is "
         "the speed-up", None, pair="no_batch_invariant")
+    threads: int = _arg("torch intra-op threads for the VQGAN on CPU (0: torch's default, one per core). On a "
+                        "machine shared with other jobs, fewer threads than cores avoids stalls", 0)
     commit_items: int = _arg("make the output durable (fsync) at least every this many items", 256)
     commit_seconds: float = _arg("... and at least every this many seconds", 5.0)
     progress: bool = _arg("show a tqdm progress bar on stderr", True, pair="no_progress")
@@ -128,6 +130,7 @@ class PretokArgs:
                    f"--target_size must be a positive multiple of 32, got {args.target_size}"),
                   (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
                   (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
+                  (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
                   (args.commit_items >= 1, f"--commit_items must be >= 1, got {args.commit_items}")]
         for ok, msg in checks:
             if not ok:
@@ -268,6 +271,10 @@ def run(args: PretokArgs) -> dict:
         # The worker pool forks here, before the VQGAN is loaded and torch starts its thread pools.
         stream = prepare_stream(processor, items, base_dir, args.num_workers)
         device = resolve_device(args.device)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device)
         per_image = args.batch_invariant if args.batch_invariant is not None else device.type == "cpu"
         batcher = ImageBatcher(full.vqgan, args.batch_size, per_image, max_images=4 * args.batch_size,
@@ -300,16 +307,20 @@ def run(args: PretokArgs) -> dict:
             bar.close()
     t_end = time.perf_counter()
     steady = t_end - (t_first or t_end)
-    rejected = {k[len("error:"):]: v for k, v in sorted(counts.items()) if k.startswith("error:")}
-    logger.info(
-        "%s done: this run %d items -> %d records, %d rejected %s, %d tokens; %d images in %.1f s = %.2f "
-        "images/s (VQGAN busy %.1f s; start-up %.1f s not counted). Rank total: %d records, %d tokens, "
-        "%d rejected %s", tag, counts["records"] + sum(rejected.values()), counts["records"],
-        sum(rejected.values()), rejected or "", counts["tokens"], batcher.images_done, steady,
-        batcher.images_done / steady if steady > 0 else 0.0, batcher.encode_seconds, (t_first or t_end) - t_start,
-        summary["records"], summary["tokens"], summary["errors"], summary["errors_by_reason"] or "")
-    return {**summary, "images": batcher.images_done, "images_per_s": batcher.images_done / steady if steady else 0.0,
-            "seconds": t_end - t_start}
+    images_per_s = batcher.images_done / steady if steady > 0 else 0.0
+    rejected = {k[len("error:"):]: v for k, v in counts.items() if k.startswith("error:")}
+    logger.info("%s done. This run: %d records, %d rejected%s, %d tokens; %d images in %.1f s = %.2f images/s "
+                "(VQGAN busy %.1f s; start-up %.1f s not counted). Rank total: %d records, %d rejected%s, "
+                "%d tokens; errors in %s", tag, counts["records"], sum(rejected.values()), _by_reason(rejected),
+                counts["tokens"], batcher.images_done, steady, images_per_s, batcher.encode_seconds,
+                (t_first or t_end) - t_start, summary["records"], summary["errors"],
+                _by_reason(summary["errors_by_reason"]), summary["tokens"],
+                args.out_dir / f"{args.rank}-of-{args.splits}-errors.jsonl")
+    return {**summary, "images": batcher.images_done, "images_per_s": images_per_s, "seconds": t_end - t_start}
+
+
+def _by_reason(counts: dict) -> str:
+    return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,14 @@ def test_text_view_without_a_bundle_says_how_to_get_one(tmp_path):
     (tmp_path / "r.jsonl").write_text("")
     with pytest.raises(SystemExit, match="pass --tokenizer_dir"):
         main([str(tmp_path / "r.jsonl")])
+
+
+def test_inspect_script_runs_from_the_repo_root_and_has_help():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "pre_tokenize/inspect_record.py", "-h"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for flag in ("--ids", "--json", "--render", "--tokenizer_dir", "--limit"):
+        assert flag in r.stdout

@@ -21,6 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "128"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny VQGAN's convolutions are so short that 2 threads on a 2-core machine shared with other
+    jobs stall on each other (~10x slower); the output does not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def conv(*turns: str) -> list[dict]:
     return [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]
 
@@ -186,7 +198,7 @@ def test_kill9_mid_run_then_rerun_gives_byte_identical_output(long_input, tiny_b
     pretok(long_input, ref, tiny_bundle, "--num_workers", "0")
     cmd = [sys.executable, "pre_tokenize/pre_tokenize.py", "--in_filename", str(long_input), "--out_dir", str(out),
            "--tokenizer_dir", str(tiny_bundle), "--target_size", TARGET, "--no_progress", "--num_workers", "1",
-           "--batch_size", "4", "--commit_items", "1"]
+           "--batch_size", "4", "--commit_items", "1", "--threads", "1"]
     rec = out / "0-of-1-record.jsonl"
     killed_at = []
     for wait_lines in (15, 120):
