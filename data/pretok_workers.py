@@ -122,7 +122,8 @@ class _Pool:
 
     def _new(self) -> ProcessPoolExecutor:
         # fork: workers start in milliseconds and inherit the processor (text tokenizer) without pickling.
-        # They never touch torch/CUDA state, which is what makes forking a process with threads unsafe.
+        # They never touch torch/CUDA state, which is what makes forking a process with threads unsafe,
+        # and end with os._exit, so file buffers inherited from the parent are never flushed twice.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self.args)
 

@@ -243,7 +243,13 @@ def run(args: PretokArgs) -> dict:
     """Pre-tokenizes rank ``args.rank`` of ``args.splits``; returns the rank's summary."""
     t_start = time.perf_counter()
     tag = f"rank {args.rank} of {args.splits}"
+    from data.item_processor import ItemProcessor
+    from model.tokenizer_bundle import ChameleonTokenizer
+
     source = open_input(args.in_filename, args.in_format)
+    if args.image_root is not None and not args.image_root.is_dir():
+        raise InputFileError(f"--image_root {args.image_root}: not a directory")
+    tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)  # checks the bundle
     ids = rank_range(len(source), args.rank, args.splits)
     run_info = {"num_items": len(source), "in_format": source.format, "target_size": args.target_size,
                 "tokenizer_sha256": bundle_fingerprint(args.tokenizer_dir),
@@ -261,32 +267,29 @@ def run(args: PretokArgs) -> dict:
                     f"; resuming at id {st.next_id}, {st.num_records} records and {st.num_errors} errors "
                     f"kept" + (", a torn last line dropped" if st.torn else "") if st.next_id > ids.start else "")
 
-        from data.item_processor import ItemProcessor
-        from model.tokenizer_bundle import ChameleonTokenizer
-
-        tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)
         processor = ItemProcessor(tokenizer, args.target_size)
         base_dir = args.image_root if args.image_root is not None else source.base_dir
         items = (it for it in source.iter_items(range(st.next_id, ids.stop)) if it.id not in st.skip)
         # The worker pool forks here, before the VQGAN is loaded and torch starts its thread pools.
         stream = prepare_stream(processor, items, base_dir, args.num_workers)
-        device = resolve_device(args.device)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device)
-        per_image = args.batch_invariant if args.batch_invariant is not None else device.type == "cpu"
-        batcher = ImageBatcher(full.vqgan, args.batch_size, per_image, max_images=4 * args.batch_size,
-                               max_items=max(256, 8 * args.batch_size))
-        logger.info("%s: VQGAN on %s, batches of up to %d same-size images%s, %d worker process(es)", tag,
-                    device, args.batch_size, " (encoded one by one: batch-invariant)" if per_image else "",
-                    args.num_workers)
-
-        counts: Counter = Counter()
-        bar = tqdm(total=todo, unit="item", dynamic_ncols=True, disable=not args.progress, desc=tag)
-        t_first, last_commit = None, time.perf_counter()
+        bar = None
         try:
+            device = resolve_device(args.device)
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device)
+            per_image = args.batch_invariant if args.batch_invariant is not None else device.type == "cpu"
+            batcher = ImageBatcher(full.vqgan, args.batch_size, per_image, max_images=4 * args.batch_size,
+                                   max_items=max(256, 8 * args.batch_size))
+            logger.info("%s: VQGAN on %s, batches of up to %d same-size images%s, %d worker process(es)", tag,
+                        device, args.batch_size, " (encoded one by one: batch-invariant)" if per_image else "",
+                        args.num_workers)
+
+            counts: Counter = Counter()
+            bar = tqdm(total=todo, unit="item", dynamic_ncols=True, disable=not args.progress, desc=tag)
+            t_first, last_commit = None, time.perf_counter()
             for p in stream:
                 t_first = t_first or time.perf_counter()
                 batcher.push(p)
@@ -304,7 +307,9 @@ def run(args: PretokArgs) -> dict:
                 bar.update(1)
             summary = writer.finish()
         finally:
-            bar.close()
+            stream.close()
+            if bar is not None:
+                bar.close()
     t_end = time.perf_counter()
     steady = t_end - (t_first or t_end)
     images_per_s = batcher.images_done / steady if steady > 0 else 0.0

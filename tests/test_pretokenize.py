@@ -304,3 +304,12 @@ def test_rank_and_splits_default_from_slurm_then_torchrun_environment(monkeypatc
     assert (a.rank, a.splits) == (1, 3)
     with pytest.raises(SystemExit):
         PretokArgs.parse(base + ["--rank", "3", "--splits", "3"])
+
+
+def test_missing_bundle_or_image_root_fails_at_once_with_a_clear_message(dataset, tiny_bundle, tmp_path, caplog):
+    base = ["--in_filename", str(dataset["path"]), "--out_dir", str(tmp_path / "out"), "--no_progress"]
+    assert main(base + ["--tokenizer_dir", str(tmp_path / "no_bundle")]) == 2
+    assert "tokenizer bundle directory" in caplog.text and "make_tiny_bundle" in caplog.text
+    assert main(base + ["--tokenizer_dir", str(tiny_bundle), "--image_root", str(tmp_path / "nope")]) == 2
+    assert "--image_root" in caplog.text and "not a directory" in caplog.text
+    assert not (tmp_path / "out").exists()
