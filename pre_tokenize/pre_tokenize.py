@@ -74,15 +74,15 @@ class PretokArgs:
     rank: int | None = _arg("this process's rank in [0, splits) (default: $SLURM_PROCID, else $RANK, "
                             "else 0)", None)
     target_size: int = _arg("image area budget: crops are chosen on a 32-px grid with at most "
-                            "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ...", 512)
+                            "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ... (default: %(default)s)", 512)
     in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory -> wds, .jsonl -> "
                           f"jsonl, .json -> json (llava when its messages use <image> markers)", "auto",
                           choices=FORMATS)
     image_root: Path | None = _arg("directory that relative image paths are resolved against (default: "
                                    "the directory of --in_filename)", None)
-    batch_size: int = _arg("most same-size images the VQGAN encodes in one call", 8)
+    batch_size: int = _arg("most same-size images the VQGAN encodes in one call (default: %(default)s)", 8)
     num_workers: int = _arg("worker processes that load/preprocess images and encode text (0: do it in "
-                            "this process; a crashing decoder then stops the run)", 2)
+                            "this process; a crashing decoder then stops the run; default: %(default)s)", 2)
     device: str = _arg("device of the VQGAN encoder: auto (cuda:$LOCAL_RANK or $SLURM_LOCALID when CUDA "
                        "is available, else cpu), cpu, cuda, cuda:1, ...", "auto")
     batch_invariant: bool | None = _arg(
@@ -92,8 +92,8 @@ class PretokArgs:
         "the speed-up", None, pair="no_batch_invariant")
     threads: int = _arg("torch intra-op threads for the VQGAN on CPU (0: torch's default, one per core). On a "
                         "machine shared with other jobs, fewer threads than cores avoids stalls", 0)
-    commit_items: int = _arg("make the output durable (fsync) at least every this many items", 256)
-    commit_seconds: float = _arg("... and at least every this many seconds", 5.0)
+    commit_items: int = _arg("make the output durable (fsync) at least every this many items (default: %(default)s)", 256)
+    commit_seconds: float = _arg("... and at least every this many seconds (default: %(default)s)", 5.0)
     progress: bool = _arg("show a tqdm progress bar on stderr", True, pair="no_progress")
 
     @classmethod
