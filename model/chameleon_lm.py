@@ -115,12 +115,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits = torch.mm(h, weight.t()).float()  # [n, V] fp32, one chunk only
             if text_rows is not None:
                 _mask_image_cols_(logits, text_rows[s:e], image_cols)
-            lse = torch.logsumexp(logits, dim=1)
-            ce_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # logsumexp by hand, in place: torch.logsumexp would allocate two more [n, V] temporaries
+            tgt_logit = logits.gather(1, t[:, None]).squeeze(1)
+            row_max = logits.max(dim=1).values
+            logits.sub_(row_max[:, None]).exp_()  # now exp(logit - max); masked entries are exactly 0
+            sum_exp = logits.sum(dim=1)
+            lse = row_max + sum_exp.log()
+            ce_sum += (lse - tgt_logit).sum()
             z_sum += lse.square().sum()
             if need_h or need_w:
                 # d(ce + z_w * lse^2)/dlogits = softmax * (1 + 2 z_w lse) - onehot(target), in place
-                logits.sub_(lse[:, None]).exp_().mul_((1.0 + 2.0 * z_w * lse)[:, None])
+                logits.mul_(((1.0 + 2.0 * z_w * lse) / sum_exp)[:, None])
                 logits.scatter_add_(1, t[:, None], torch.full((e - s, 1), -1.0, device=dev))
                 g = logits.to(weight.dtype)
                 if need_h:
@@ -130,6 +135,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h)
                     else:
                         grad_w.add_(torch.mm(g.t(), h))
+                del g  # for fp32 weights g aliases logits: drop both before the next chunk is allocated
             del logits
         total = ce_sum + z_w * z_sum
         ctx.save_for_backward(grad_h, grad_w)

@@ -14,7 +14,8 @@ so a step may appear twice and the last line wins):
     tokens_per_sec  non-padding tokens per second, per rank (global tokens / time / world size)
     tflops          model TFLOP/s per rank: (6 * non-embedding params + 12 * layers * hidden * seq_len)
                     per padded token, forward + backward, not counting activation recomputation
-    memory          MB: peak CUDA memory allocated during the step, or on CPU the peak resident set size
+    memory          MB: peak CUDA memory allocated during the step, or on CPU the process's peak
+                    resident set size so far (VmHWM)
     tokens          labelled tokens in the global batch (the loss denominator)
 """
 
@@ -71,6 +72,13 @@ def flops_per_token(n_params_no_embed: int, n_layers: int, hidden: int, seq_len:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # the process's peak resident set (VmHWM); ru_maxrss can be inherited from a parent over exec
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -1,0 +1,124 @@
+"""Benchmark: per-rank parameter + optimizer memory with FSDP2 on 2 ranks vs 1 rank (CPU, gloo).
+
+    python bench/bench_fsdp_memory.py                      # the 8.66M model of bench_train_step.py
+    python bench/bench_fsdp_memory.py --hidden 512 --layers 6 --data_parallel sdp
+
+Each world size runs as real processes (gloo, one process per rank, this script in --worker mode): the
+model is built on the meta device, wrapped by model.parallelize.parallelize exactly as the trainer does,
+materialised, loaded from rank 0, and trained one step with finetune_solver.train_step so AdamW has its
+state. Then every rank counts the bytes of what it holds: its parameter shards (DTensor local tensors)
+and its optimizer state tensors (exp_avg, exp_avg_sq, step). That is the memory FSDP is meant to divide;
+activations and gradients are transient (gradients are freed by zero_grad(set_to_none=True)). VmRSS is
+printed for context; it is dominated by the ~300 MB of libraries every process loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(a) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import ChameleonForConditionalGeneration
+
+    from bench_train_step import load_solver, tiny_config
+    from model.chameleon_lm import build_chameleon_lm
+    from model.optim import build_optimizer
+    from model.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    fs = load_solver()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = tiny_config(a.vocab, a.hidden, a.layers, a.heads)
+    full = {}
+    if rank == 0:
+        torch.manual_seed(0)
+        ref = ChameleonForConditionalGeneration(cfg)
+        full = {k: v for k, v in ref.state_dict().items() if ".vqmodel." not in k}
+        del ref
+    lm = build_chameleon_lm(cfg, device="meta")
+    parallelize(lm, init_device_mesh("cpu", (world,)), data_parallel=a.data_parallel, precision="fp32")
+    lm.to_empty(device="cpu")
+    lm.reset_nonpersistent_buffers("cpu")
+    set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    opt = build_optimizer(lm, lr=1e-4, weight_decay=0.1)
+    args = fs.parse_args(["--data_config", __file__, "--precision", "fp32", "--data_parallel", a.data_parallel])
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(8196, a.vocab, (1, 256), generator=g)
+    fs.train_step(lm, opt, [{"input_ids": ids, "labels": ids, "n_real_tokens": torch.tensor(ids.numel())}], a=args,
+                  device=torch.device("cpu"), lr=1e-4, n_params_no_embed=1)
+
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    param_b = sum(local_bytes(p) for p in lm.parameters())
+    opt_b = sum(local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    print(json.dumps({"rank": rank, "world": world, "param_mb": param_b / 2**20, "optim_mb": opt_b / 2**20,
+                      "rss_mb": _rss_mb()}), flush=True)
+    dist.destroy_process_group()
+
+
+def run_world(world: int, a) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers",
+            str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={
+        **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(world)]
+    rows = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode:
+            raise SystemExit(f"rank failed with code {p.returncode}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=10760, help="vocabulary size")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=3, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--data_parallel", choices=["fsdp", "sdp"], default="fsdp", help="sharding mode")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a)
+        return
+    one = run_world(1, a)
+    two = run_world(2, a)
+    base = one[0]["param_mb"] + one[0]["optim_mb"]
+    print(f"model: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; --data_parallel {a.data_parallel}")
+    print("| world | rank | params MB | optimizer MB | params+optimizer MB | vs 1 rank | VmRSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in one + two:
+        tot = r["param_mb"] + r["optim_mb"]
+        print(f"| {r['world']} | {r['rank']} | {r['param_mb']:.2f} | {r['optim_mb']:.2f} | {tot:.2f} | "
+              f"{tot / base:.3f}x | {r['rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
