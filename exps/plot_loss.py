@@ -41,7 +41,15 @@ def plot(points: list[tuple[int, float]], out: Path, title: str) -> None:
                 H - MARGIN - (v - v0) / (v1 - v0) * (H - 2 * MARGIN))
 
     d.rectangle([MARGIN, MARGIN, W - MARGIN, H - MARGIN], outline="black")
-    d.line([xy(s, v) for s, v in points], fill=(30, 90, 200), width=2)
+    # Dots for the logged steps, a line for their running mean: a global batch holds one data type,
+    # so consecutive steps of a mixed data config can differ a lot (captions vs image tokens).
+    for s, v in points:
+        x, y = xy(s, v)
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(120, 150, 220))
+    window = max(1, len(points) // 10)
+    smooth = [(s, sum(vals[max(0, i - window + 1):i + 1]) / len(vals[max(0, i - window + 1):i + 1]))
+              for i, s in enumerate(steps)]
+    d.line([xy(s, v) for s, v in smooth], fill=(200, 40, 40), width=2)
     d.text((MARGIN, 15), title, fill="black")
     d.text((5, MARGIN - 5), f"{v1:.3g}", fill="black")
     d.text((5, H - MARGIN - 5), f"{v0:.3g}", fill="black")
