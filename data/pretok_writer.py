@@ -281,6 +281,9 @@ class RankWriter:
 
     def add_error(self, i: int, error: str, reason: str) -> None:
         self._check_order(i)
+        # A message can quote the item's own text, which JSON input may give as a lone surrogate
+        # ("\ud800" escapes): such a str cannot be encoded as UTF-8 and would stop the run at every commit.
+        error = error.encode("utf-8", "backslashreplace").decode("utf-8")
         self._err_lines.append(json.dumps({"id": i, "error": error, "reason": reason},
                                           ensure_ascii=False) + "\n")
 
