@@ -42,6 +42,11 @@ JSONL_CHECKPOINT_EVERY = 65536
 JSONL_PROBE_LINES = 100
 
 
+# json.loads recurses per nesting level: a line like "[[[[..." 100000 deep raises RecursionError, which
+# would stop the run (seen in the reliability suite); it is reported like any unreadable item instead.
+NESTED_TOO_DEEPLY = "JSON nested too deeply (more levels than Python's recursion limit)"
+
+
 class InputFileError(ValueError):
     """The input file itself is unusable (missing, not JSON, wrong shape); the run stops at once."""
 
@@ -116,6 +121,8 @@ class JsonListSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputFileError(f"--in_filename {path}: not a JSON file ({e}); a Lumina input is a "
                                  f"JSON list of items, or use a .jsonl file with one item per line") from e
+        except RecursionError as e:
+            raise InputFileError(f"--in_filename {path}: not a usable JSON file: {NESTED_TOO_DEEPLY}") from e
         if not isinstance(data, list):
             raise InputFileError(f"--in_filename {path}: expected a JSON list of items, got a "
                                  f"{type(data).__name__}" +
@@ -178,6 +185,8 @@ class JsonlSource:
             raw = json.loads(line)
         except UnicodeDecodeError as e:
             return None, f"{where}: not UTF-8 text ({e})"
+        except RecursionError:
+            return None, f"{where}: not a usable JSON line: {NESTED_TOO_DEEPLY}"
         except json.JSONDecodeError as e:
             text = line.decode("utf-8", "replace").strip()
             preview = text[:80] + ("..." if len(text) > 80 else "")
@@ -298,6 +307,8 @@ class WdsSource:
             meta = json.loads(read("json"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return InputItem(i, where, error=f"{where}: {key}.json is not JSON ({e})")
+        except RecursionError:
+            return InputItem(i, where, error=f"{where}: {key}.json is not usable: {NESTED_TOO_DEEPLY}")
         if not isinstance(meta, dict) or not isinstance(meta.get("question"), str):
             return InputItem(i, where, error=f"{where}: {key}.json has no string \"question\"")
         if "txt" in by_ext:
