@@ -79,6 +79,11 @@ def _role(msg, i: int) -> str:
                         f"{', '.join(HUMAN_ROLES)} (human side) or {', '.join(ASSISTANT_ROLES)} (assistant side)")
     if not isinstance(msg["value"], str):
         raise ItemError(f"conversations[{i}] ({who}): 'value' must be a string, got {type(msg['value']).__name__}")
+    try:
+        msg["value"].encode("utf-8")
+    except UnicodeEncodeError as e:  # else the text tokenizer fails with "TextInputSequence must be str"
+        raise ItemError(f"conversations[{i}] ({who}): 'value' is not valid Unicode text: {e.reason} at character "
+                        f"{e.start} (a lone surrogate, e.g. a JSON \\ud800 escape)") from None
     return "human" if who.lower() in HUMAN_ROLES else "assistant"
 
 
@@ -112,7 +117,8 @@ class ItemProcessor:
             raise ItemError(f"an item must be an object with 'conversations', got {type(item).__name__}")
         conv = item.get("conversations")
         if conv is None:
-            raise ItemError(f"item has no 'conversations' (keys: {sorted(item)})")
+            raise ItemError(f"item has no 'conversations' (keys: {sorted(item)})" if "conversations" not in item
+                            else "'conversations' is null; expected a list of messages")
         if not isinstance(conv, list):
             raise ItemError(f"'conversations' must be a list of messages, got {type(conv).__name__}")
         if not conv:
