@@ -60,6 +60,17 @@ class OutputConflictError(RuntimeError):
     """``out_dir`` holds output that this run cannot continue (other settings, damage, a live writer)."""
 
 
+class OutputWriteError(RuntimeError):
+    """Writing an output file failed (disk full, quota, file size limit, I/O error). What was committed
+    before is intact, so the same command, re-run once the cause is fixed, continues where it stopped."""
+
+
+def _write_failed(path: Path, e: OSError) -> OutputWriteError:
+    return OutputWriteError(f"{path}: cannot write ({e.strerror or e}). The output committed so far is intact: "
+                            f"free space (or fix the file system) and re-run the same command; it continues "
+                            f"where it stopped")
+
+
 def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
     """sha256 over the bundle's files (name + bytes), so a re-run with other weights is caught."""
     h = hashlib.sha256()
@@ -232,7 +243,10 @@ class RankWriter:
                 w.finished = True
                 return w
             w.state = scan_outputs(out_dir, rank, splits, ids)
-            w._shard = ShardWriter(shard_path, truncate_to=w.state.shard_bytes)
+            try:
+                w._shard = ShardWriter(shard_path, truncate_to=w.state.shard_bytes)
+            except OSError as e:
+                raise _write_failed(shard_path, e) from e
             w._rec_f = w._open_lines(out_dir / record_name(rank, splits), w.state.records_bytes)
             w._err_f = w._open_lines(out_dir / errors_name(rank, splits), w.state.errors_bytes)
         except BaseException:
@@ -256,7 +270,10 @@ class RankWriter:
                     + ", ".join(f"{k}: {old.get(k)!r} there, {info.get(k)!r} now" for k in diff)
                     + "); use another --out_dir or delete that rank's files")
         else:
-            write_json_atomic(path, info)
+            try:
+                write_json_atomic(path, info)
+            except OSError as e:
+                raise _write_failed(path, e) from e
 
     @staticmethod
     def _open_lines(path: Path, good_bytes: int):
@@ -274,7 +291,10 @@ class RankWriter:
     def add(self, i: int, tokens, labels) -> Record:
         """Appends item ``i`` to the shard; its record line is written at the next commit."""
         self._check_order(i)
-        offset = self._shard.append(tokens, labels)
+        try:
+            offset = self._shard.append(tokens, labels)
+        except OSError as e:
+            raise _write_failed(self._shard.path, e) from e
         rec = Record(id=i, file=self._shard.path.name, len=len(tokens), offset=offset)
         self._rec_lines.append(rec.to_json() + "\n")
         return rec
@@ -295,12 +315,18 @@ class RankWriter:
         """Makes everything added so far durable: shard first, then the lines that point into it."""
         if not self.uncommitted:
             return
-        self._shard.sync()
+        try:
+            self._shard.sync()
+        except OSError as e:
+            raise _write_failed(self._shard.path, e) from e
         for f, lines in ((self._rec_f, self._rec_lines), (self._err_f, self._err_lines)):
             if lines:
-                f.write("".join(lines).encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+                try:
+                    f.write("".join(lines).encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise _write_failed(Path(f.name), e) from e
                 lines.clear()
 
     def finish(self) -> dict:
@@ -311,18 +337,25 @@ class RankWriter:
             raise OutputConflictError(f"{self.out_dir}: rank {self.rank} of {self.splits} ends with "
                                       f"ids missing from id {state.next_id}; the output is damaged")
         summary = summarize(self.out_dir, self.rank, self.splits)
-        write_json_atomic(self.out_dir / done_name(self.rank, self.splits),
-                          {"format": DONE_FORMAT, "version": RUN_VERSION, "rank": self.rank,
-                           "splits": self.splits, "start": self.ids.start, "end": self.ids.stop, **summary})
+        done = self.out_dir / done_name(self.rank, self.splits)
+        try:
+            write_json_atomic(done, {"format": DONE_FORMAT, "version": RUN_VERSION, "rank": self.rank,
+                                     "splits": self.splits, "start": self.ids.start, "end": self.ids.stop, **summary})
+        except OSError as e:
+            raise _write_failed(done, e) from e
         self.finished = True
         return summary
 
     def close(self) -> None:
-        for f in (self._rec_f, self._err_f):
-            if f is not None and not f.closed:
-                f.close()
-        if self._shard is not None:
-            self._shard.close()
+        # Closing flushes; after a write error (disk still full) that fails again. Every file is closed
+        # anyway, the lock last, and the first error is the one reported (uncommitted bytes are cut on resume).
+        for f in (self._rec_f, self._err_f, self._shard):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError as e:
+                logger.warning("%s: %s while closing (the re-run cuts what was not committed)",
+                               getattr(f, "name", None) or getattr(f, "path", "?"), e.strerror or e)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

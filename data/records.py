@@ -134,8 +134,10 @@ class ShardWriter:
 
     def close(self) -> None:
         if not self._f.closed:
-            self.sync()
-            self._f.close()
+            try:
+                self.sync()
+            finally:  # a failed sync (disk full) must not leak the file descriptor
+                self._f.close()
 
     def __enter__(self) -> "ShardWriter":
         return self

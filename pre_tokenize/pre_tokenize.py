@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from data.input_formats import FORMATS, InputFileError, open_input, rank_range
 from data.pretok_workers import Prepared, classify, prepare_stream
-from data.pretok_writer import OutputConflictError, RankWriter, bundle_fingerprint
+from data.pretok_writer import OutputConflictError, OutputWriteError, RankWriter, bundle_fingerprint
 
 logger = logging.getLogger("pre_tokenize")
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (InputFileError, OutputConflictError, BundleError) as e:
+    except (InputFileError, OutputConflictError, OutputWriteError, BundleError) as e:
         logger.error("%s", e)
         return 2
     return 0
