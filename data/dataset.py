@@ -24,10 +24,8 @@ Worker safety: the memory maps (index columns, shards) are opened lazily in the 
 and dropped when the dataset is pickled (DataLoader workers under the ``spawn`` start method), so a
 worker never receives a copy of a mapped array.
 
-Known cost: for Lumina ``.pkl`` records the index stores every item's path in ``meta.json`` (one file
-per item), which has to be parsed as one JSON list; such sources open in O(items) (about 0.5 s and
-100 MB per 1M records) and do not meet the 10M budget above. Our shard records name a handful of
-shards and do.
+Lumina ``.pkl`` records name one file per item; their index keeps the names in a memory-mapped
+``files.npy`` (see data/records.py), so they open as fast as shard records.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ import numpy as np
 
 from data.data_config import DataSource
 from data.lumina_pickle import UnsafePickleError, load_lumina_item
-from data.records import RecordFormatError, ShardReader, ensure_index
+from data.records import FileNames, RecordFormatError, ShardReader, ensure_index
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +107,7 @@ class _Source:
     stop: int
     type_id: int
     index_dir: Path
-    files: list[str]
+    files: FileNames
     _cols: _Columns | None = field(default=None, repr=False)
     _shards: dict[int, ShardReader] = field(default_factory=dict, repr=False)
 
@@ -257,7 +255,7 @@ class RecordDataset:
         start = 0
         for spec in self.sources:
             d, meta = ensure_index(spec.path)
-            files = meta["files"]
+            files = FileNames(d, meta)
             # A plain read, not the memory map: the sampler needs every length, and an anonymous copy
             # is counted once in RSS, where a fully touched map plus a copy would count twice.
             ln = np.load(d / "len.npy", allow_pickle=False)

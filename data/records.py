@@ -20,7 +20,10 @@ JSON array of the same objects):
 Record index ``{record}.index/`` beside a record file (``record.json.index/``), written by
 ``concat_record.py`` or on first open, memory-mapped by the trainer so 10M records open in O(1):
     meta.json    {"format": "lumina-stack-record-index", "version": 1, "count": N, "files": [...],
-                  "record_size": bytes, "record_mtime_ns": int}
+                  "n_files": int, "record_size": bytes, "record_mtime_ns": int}
+    files.npy    only when there are more than MAX_NAMES_IN_META distinct files (Lumina's one .pkl per
+                 item): the names as a fixed-width UTF-8 byte array, memory-mapped, and ``"files"`` is
+                 null in meta.json. Opening then stays O(1) instead of parsing 10M names.
     id.npy       int64[N]   item ids
     file.npy     int32[N]   index into meta["files"] (paths relative to the record file's directory)
     offset.npy   int64[N]   element offset in the shard, -1 for per-item pickle records
@@ -36,7 +39,7 @@ import shutil
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "lumina-stack-record-index"
 INDEX_VERSION = 1
+MAX_NAMES_IN_META = 4096
 
 
 class RecordFormatError(ValueError):
@@ -227,11 +231,18 @@ def build_index(record_path: str | os.PathLike, records: Iterable[Record] | None
         offsets.append(-1 if r.offset is None else r.offset)
         lens.append(r.len)
     st = record_path.stat()
-    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "count": len(ids), "files": list(files),
+    names_in_meta = len(files) <= MAX_NAMES_IN_META
+    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "count": len(ids),
+            "files": list(files) if names_in_meta else None, "n_files": len(files),
             "record_size": st.st_size, "record_mtime_ns": st.st_mtime_ns}
     out = index_dir_for(record_path)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    if not names_in_meta:
+        encoded = [name.encode("utf-8") for name in files]
+        width = max(len(b) for b in encoded)
+        np.save(tmp / "files.npy", np.array(encoded, dtype=f"S{width}"), allow_pickle=False)
+        del encoded
     for name, values, dtype in (("id", ids, np.int64), ("file", file_idx, np.int32),
                                 ("offset", offsets, np.int64), ("len", lens, np.int32)):
         np.save(tmp / f"{name}.npy", np.asarray(values, dtype=dtype), allow_pickle=False)
@@ -253,6 +264,32 @@ def build_index(record_path: str | os.PathLike, records: Iterable[Record] | None
     return out
 
 
+class FileNames(Sequence[str]):
+    """The file names of an index, as stored: the list in meta.json, or a memory-mapped files.npy
+    (opened lazily, and not carried along when pickled to a DataLoader worker)."""
+
+    def __init__(self, index_dir: Path, meta: dict):
+        self._names: list[str] | None = meta["files"]
+        self._npy = Path(index_dir) / "files.npy"
+        self._n = len(self._names) if self._names is not None else int(meta["n_files"])
+        self._arr: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self._n))]
+        if self._names is not None:
+            return self._names[k]
+        if self._arr is None:
+            self._arr = np.load(self._npy, mmap_mode="r", allow_pickle=False)
+        return bytes(self._arr[k]).decode("utf-8")
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arr": None}
+
+
 @dataclass
 class RecordIndex:
     """The columns of a record index, memory-mapped. ``file_names`` are as stored (relative to the
@@ -260,7 +297,7 @@ class RecordIndex:
     because Lumina records name one .pkl per item: making 10M Path objects at open takes minutes."""
 
     record_path: Path
-    file_names: list[str]
+    file_names: FileNames
     id: np.ndarray
     file: np.ndarray
     offset: np.ndarray
@@ -313,4 +350,4 @@ def open_index(record_path: str | os.PathLike, build_if_missing: bool = True) ->
     d, meta = ensure_index(record_path, build_if_missing)
     cols = {name: np.load(d / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name in ("id", "file", "offset", "len")}
-    return RecordIndex(record_path=Path(record_path), file_names=meta["files"], **cols)
+    return RecordIndex(record_path=Path(record_path), file_names=FileNames(d, meta), **cols)

@@ -124,3 +124,18 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
 def test_numpy_arrays_in_a_pickle_are_refused_too():
     with pytest.raises(UnsafePickleError):
         loads_plain(pickle.dumps(np.arange(3)))
+
+
+def test_many_file_names_live_in_a_memory_mapped_column_not_in_meta(tmp_path):
+    from data.records import MAX_NAMES_IN_META, index_dir_for
+
+    n = MAX_NAMES_IN_META + 10
+    rec_path = tmp_path / "record.json"
+    rec_path.write_text(json.dumps([{"file": f"items/{i}.pkl", "len": 3, "id": i} for i in range(n)]))
+    index = open_index(rec_path)
+    meta = json.loads((index_dir_for(rec_path) / "meta.json").read_text())
+    assert meta["files"] is None and meta["n_files"] == n
+    assert len(index.file_names) == n
+    assert index.record(n - 1).file == str(tmp_path / "items" / f"{n - 1}.pkl")
+    clone = pickle.loads(pickle.dumps(index.file_names))  # as sent to a DataLoader worker
+    assert clone[7] == "items/7.pkl"
