@@ -23,14 +23,22 @@ directories named ``epoch{E}[-iter{I}]`` that contain ``COMPLETE``, so a crash (
 save leaves the previous checkpoint as the newest usable one; the stale ``.tmp-*`` is removed by the next
 run. ``--ckpt_max_keep N`` keeps the N newest complete checkpoints (<= 0: all). The output directory must
 be on a file system all ranks share.
+
+No code from a checkpoint is ever run. DCP itself unpickles ``.metadata`` with plain ``pickle.load`` and
+non-tensor entries with ``torch.load(weights_only=False)``; ``load_dcp_state`` reads ``.metadata`` through
+an unpickler that admits only DCP's metadata classes, and the non-tensor entries with ``weights_only=True``
+first. A checkpoint that needs anything else is refused with ``UnsafeCheckpointError`` (never skipped
+silently: someone put it there).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,6 +50,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -59,6 +69,10 @@ dcp_save = dcp.save
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (incomplete, wrong format, other global batch); names the path."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that would run code when loaded (a pickled callable); it is refused, not loaded."""
 
 
 def ckpt_name(epoch: int, iteration: int | None = None) -> str:
@@ -146,13 +160,102 @@ def _python_state_from_lists(obj):
     return version, tuple(internal), gauss
 
 
+def _load_weights_only(path: Path):
+    """torch.load with weights_only=True; a file needing code is UnsafeCheckpointError, a damaged one
+    CheckpointError (torch raises UnpicklingError, RuntimeError or EOFError without naming the file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{path}: refused: loading it would need more than tensors and plain data "
+                                    f"(weights_only=True): {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from e
+
+
 def load_rng(ckpt: Path, rank: int) -> dict | None:
     path = Path(ckpt) / "rng" / f"rank{rank:05d}.pt"
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state["python"] = _python_state_from_lists(state["python"])
+    state = _load_weights_only(path)
+    try:
+        state["python"] = _python_state_from_lists(state["python"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an RNG state file ({type(e).__name__}: {e})") from e
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading DCP files without running code
+
+
+# Every class DCP (torch 2.4 - 2.13) puts in a FileSystemWriter's .metadata; torch dtypes are admitted by type.
+_DCP_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: Path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"{self.path}: refused: it names {module}.{name}, which is not part of a "
+                                    f"torch.distributed.checkpoint metadata file (loading it could run code)")
+
+
+def read_dcp_metadata(ckpt: str | Path):
+    """The DCP ``Metadata`` of a checkpoint, unpickled with only DCP's own metadata classes admitted."""
+    path = Path(ckpt) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _DcpMetadataUnpickler(f, path).load()
+    except UnsafeCheckpointError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles non-tensor entries with weights_only=False; check them with
+    weights_only=True first (the same bytes then name only admitted classes), then let it load them."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn!r} of the checkpoint: refused: loading it "
+                                        f"would need more than plain data: {str(e).splitlines()[0]}") from e
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def load_dcp_state(state: dict, ckpt: str | Path) -> None:
+    """``dcp.load(state, checkpoint_id=ckpt)`` (in place; collective when a process group exists), refusing
+    a checkpoint whose metadata or entries would run code."""
+    ckpt = Path(ckpt)
+    read_dcp_metadata(ckpt)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt), planner=_WeightsOnlyLoadPlanner())
+    except CheckpointException as e:  # DCP gathers every rank's failure into one (a BaseException)
+        errors = [exc for exc, _ in e.failures.values()]
+        unsafe = [x for x in errors if isinstance(x, UnsafeCheckpointError)]
+        first = unsafe[0] if unsafe else errors[0] if errors else e
+        raise (UnsafeCheckpointError if unsafe else CheckpointError)(
+            f"{ckpt}: cannot be loaded on rank(s) {sorted(e.failures)}: {type(first).__name__}: {first}") from None
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{ckpt}: {e}") from e
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{ckpt}: cannot be loaded ({type(e).__name__}: {e})") from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,7 +346,7 @@ def load_checkpoint(ckpt: str | Path, *, model, optimizer) -> dict:
     state = read_train_state(ckpt)
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(ckpt))
+    load_dcp_state(sd, ckpt)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     logger.info("loaded checkpoint %s (epoch %d, iter %d, global step %d)", ckpt, state["epoch"],
                 state["iter"], state["global_step"])
