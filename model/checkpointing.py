@@ -24,6 +24,10 @@ save leaves the previous checkpoint as the newest usable one; the stale ``.tmp-*
 run. ``--ckpt_max_keep N`` keeps the N newest complete checkpoints (<= 0: all). The output directory must
 be on a file system all ranks share.
 
+Damage after the save (a truncated copy, a lost shard file): ``latest_usable_checkpoint`` checks the newest
+complete checkpoint (``verify_checkpoint``: every DCP file as long as its ``.metadata`` says, the RNG files
+readable) and falls back, with a warning, to the previous one when it is damaged.
+
 No code from a checkpoint is ever run. DCP itself unpickles ``.metadata`` with plain ``pickle.load`` and
 non-tensor entries with ``torch.load(weights_only=False)``; ``load_dcp_state`` reads ``.metadata`` through
 an unpickler that admits only DCP's metadata classes, and the non-tensor entries with ``weights_only=True``
@@ -256,6 +260,49 @@ def load_dcp_state(state: dict, ckpt: str | Path) -> None:
         raise UnsafeCheckpointError(f"{ckpt}: {e}") from e
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{ckpt}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """Checks a complete checkpoint before it is loaded; returns its trainer state. CheckpointError if it is
+    damaged: a DCP file missing or shorter than its metadata says (truncated copy), metadata or an RNG file
+    unreadable; UnsafeCheckpointError if a file would run code. Reads only metadata: O(files), not O(bytes)."""
+    ckpt = Path(ckpt)
+    state = read_train_state(ckpt)
+    need: dict[str, int] = {}
+    for info in read_dcp_metadata(ckpt).storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, n in sorted(need.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing, but the checkpoint's .metadata stores data in it")
+        size = path.stat().st_size
+        if size < n:
+            raise CheckpointError(f"{path}: {size} bytes, but the checkpoint's .metadata needs {n} (truncated)")
+    for path in sorted((ckpt / "rng").glob("rank*.pt")):
+        _load_weights_only(path)
+    return state
+
+
+def latest_usable_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that passes ``verify_checkpoint``; a damaged newer one is skipped with
+    a warning. None if there is no complete checkpoint; CheckpointError if there are some but none is usable
+    (starting over silently would discard the run), UnsafeCheckpointError at once for a file with code."""
+    found = complete_checkpoints(output_dir)
+    problems = []
+    for p in reversed(found):
+        try:
+            verify_checkpoint(p)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            logger.warning("checkpoint %s is damaged, falling back to the one before it: %s", p, e)
+            problems.append(str(e))
+            continue
+        return p
+    if found:
+        raise CheckpointError(f"{output_dir}: none of the {len(found)} complete checkpoints is usable ("
+                              + "; ".join(problems) + "); restore one, or start over with --no_auto_resume")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
