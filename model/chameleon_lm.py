@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -395,7 +396,12 @@ def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = Fa
                     if with_vq or ".vqmodel." not in k:
                         out[k] = sf.get_tensor(k)
         else:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # code in the file, or damage
+                raise ModelLoadError(f"{f}: cannot be read as a torch checkpoint with weights_only=True (refused: "
+                                     f"it would need more than tensors, or it is damaged): "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             out.update({k: v for k, v in sd.items() if with_vq or ".vqmodel." not in k})
     heads = {"q_norm": config.num_attention_heads, "k_norm": config.num_key_value_heads or config.num_attention_heads}
     for k, v in list(out.items()):
