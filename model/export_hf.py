@@ -19,10 +19,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_hf_weights
-from model.checkpointing import CheckpointError, read_train_state, save_hf
+from model.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def load_lm_from_checkpoint(ckpt: str | Path) -> ChameleonLM:
     sd = lm.state_dict()
     with warnings.catch_warnings():  # "no process group: assuming a single process" is exactly the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt))  # reads every rank's shards into full tensors
+        load_dcp_state({"model": sd}, ckpt)  # every rank's shards into full tensors; no code run
     lm.load_state_dict(sd)
     return lm.eval()
 
