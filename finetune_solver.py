@@ -148,12 +148,11 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
 def validate_args(a: TrainArgs) -> list[str]:
     """Problems found in the flags, each naming its flag (empty when all is well)."""
     bad = []
-    for name in ("batch_size", "accum_iter", "epochs", "max_seq_len", "save_interval", "log_every",
-                 "loss_chunk_size"):
+    for name in ("batch_size", "accum_iter", "epochs", "save_interval", "log_every", "loss_chunk_size"):
         if getattr(a, name) < 1:
             bad.append(f"--{name} must be >= 1 (got {getattr(a, name)})")
-    if a.max_seq_len < 2 and a.max_seq_len >= 1:
-        bad.append("--max_seq_len must be >= 2 (a token and the one it predicts)")
+    if a.max_seq_len < 2:
+        bad.append(f"--max_seq_len must be >= 2, a token and the one it predicts (got {a.max_seq_len})")
     if not 0 <= a.warmup_epochs <= max(a.epochs, 0):
         bad.append(f"--warmup_epochs must be in [0, --epochs] (got {a.warmup_epochs})")
     if not a.lr > 0:
@@ -252,8 +251,7 @@ def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
                 full = {k: v for k, v in full.items() if k in want}
         except (ModelLoadError, OSError) as e:
             full = TrainingStopped(str(e))
-    err = _broadcast(full if isinstance(full, Exception) else None, rank)
-    assert err is None
+    _broadcast(full if isinstance(full, Exception) else None, rank)  # raises on every rank if rank 0 failed
     set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
@@ -356,15 +354,20 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     logger.info("world size %d, global batch %d = batch_size %d x accum_iter %d x %d ranks", world, global_batch,
                 a.batch_size, a.accum_iter, world)
 
-    # what to resume from
+    # what to resume from: decided on rank 0 (all ranks must agree), checked before the model is built
     resume: Path | None = None
-    if a.resume_path:
-        resume = Path(a.resume_path)
-    elif a.auto_resume:
-        resume = ckpt.latest_checkpoint(out)
-    train_state = ckpt.read_train_state(resume) if resume is not None else None
     if rank == 0:
-        ckpt.remove_stale_tmp(out)
+        if a.resume_path:
+            resume = Path(a.resume_path)
+        elif a.auto_resume:
+            resume = ckpt.latest_checkpoint(out)
+        try:
+            if resume is not None:
+                ckpt.read_train_state(resume)
+            ckpt.remove_stale_tmp(out)
+        except ckpt.CheckpointError as e:
+            resume = e
+    resume = _broadcast(resume, rank)
     if resume is not None:
         logger.info("resuming from %s", resume)
 

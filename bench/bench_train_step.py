@@ -13,7 +13,8 @@ Same model (random init, copied into both), same batch (2 x 1024 random text tok
 
 Timings on a shared machine drift by +-20% over minutes, so the two alternate: each round times
 ``--steps`` steps of one then of the other (the order flips every round), after warmup; the figure is
-the median over rounds of (our tokens/s) / (bare tokens/s) within the round.
+the median over rounds of (our tokens/s) / (bare tokens/s) within the round. Two clocks: wall time, and
+this process's CPU time (with ``--threads 1`` the latter hardly depends on what else runs on the machine).
 """
 
 from __future__ import annotations
@@ -125,30 +126,33 @@ def main(argv: list[str] | None = None) -> None:
     def our_step():
         fs.train_step(lm, opt, [batch], a=args, device=torch.device("cpu"), lr=1e-4, n_params_no_embed=n_no_embed)
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
+    def timed(fn) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second of this process)."""
+        w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a.steps):
             fn()
-        return a.steps * tokens / (time.perf_counter() - t0)
+        return a.steps * tokens / (time.perf_counter() - w0), a.steps * tokens / (time.process_time() - c0)
 
     for _ in range(a.warmup):
         bare_step()
         our_step()
-    ratios, bare_tps, our_tps = [], [], []
+    rows = []
     for r in range(a.rounds):
         if r % 2 == 0:
             b, o = timed(bare_step), timed(our_step)
         else:
             o, b = timed(our_step), timed(bare_step)
-        bare_tps.append(b)
-        our_tps.append(o)
-        ratios.append(o / b)
-        print(f"round {r}: bare {b:.0f} tok/s, ours {o:.0f} tok/s, ratio {o / b:.3f}", flush=True)
+        rows.append((b, o))
+        print(f"round {r}: wall: bare {b[0]:.0f} tok/s, ours {o[0]:.0f} tok/s, ratio {o[0] / b[0]:.3f}; "
+              f"cpu: bare {b[1]:.0f}, ours {o[1]:.0f}, ratio {o[1] / b[1]:.3f}", flush=True)
     print(f"model {n_params / 1e6:.2f}M parameters (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}), "
           f"batch {a.batch}x{a.seq}, fp32, {torch.get_num_threads()} threads, loss settings: "
           f"{'Lumina 7B' if a.lumina_loss else 'defaults'}")
-    print(f"median bare {statistics.median(bare_tps):.0f} tok/s, ours {statistics.median(our_tps):.0f} tok/s, "
-          f"median ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    for i, clock in enumerate(("wall", "cpu")):
+        ratios = [o[i] / b[i] for b, o in rows]
+        print(f"{clock} clock: median bare {statistics.median(b[i] for b, _ in rows):.0f} tok/s, ours "
+              f"{statistics.median(o[i] for _, o in rows):.0f} tok/s, median ratio {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
     dist.destroy_process_group()
 
 

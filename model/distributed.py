@@ -111,10 +111,13 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
 def init_distributed(launch: LaunchEnv, timeout_s: float) -> torch.device:
     """Initialises the default process group for ``launch``; returns this rank's device."""
     if torch.cuda.is_available():
-        if launch.local_rank >= torch.cuda.device_count():
-            raise LaunchError(f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPUs visible")
-        torch.cuda.set_device(launch.local_rank)
-        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+        n_gpu = torch.cuda.device_count()
+        # one visible GPU per task (srun --gpu-bind / CUDA_VISIBLE_DEVICES per task): use it; else the local rank's
+        index = 0 if n_gpu == 1 else launch.local_rank
+        if index >= n_gpu:
+            raise LaunchError(f"local rank {launch.local_rank} but only {n_gpu} GPUs are visible to this process")
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
