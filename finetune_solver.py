@@ -357,13 +357,13 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     # what to resume from: decided on rank 0 (all ranks must agree), checked before the model is built
     resume: Path | None = None
     if rank == 0:
-        if a.resume_path:
-            resume = Path(a.resume_path)
-        elif a.auto_resume:
-            resume = ckpt.latest_checkpoint(out)
         try:
+            if a.resume_path:
+                resume = Path(a.resume_path)
+            elif a.auto_resume:  # a damaged newest checkpoint is skipped for the one before, with a warning
+                resume = ckpt.latest_usable_checkpoint(out)
             if resume is not None:
-                ckpt.read_train_state(resume)
+                ckpt.verify_checkpoint(resume)  # damage or code: a clear error now, not inside DCP later
             ckpt.remove_stale_tmp(out)
         except ckpt.CheckpointError as e:
             resume = e
