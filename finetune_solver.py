@@ -37,7 +37,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from data.loader import build_indexes, build_train_data
 from data.packing import block_causal_mask
-from data.records import IGNORE_INDEX
+from data.data_config import DataConfigError
+from data.records import IGNORE_INDEX, RecordFormatError
 from model import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
                                 read_hf_weights, resolve_hf_dir, zero_image_head)
@@ -459,7 +460,11 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                     break
                 reset_peak_memory(device)
                 t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(a.accum_iter)]
+                try:
+                    micro = [next(batches) for _ in range(a.accum_iter)]
+                except (RecordFormatError, OSError) as e:  # e.g. a data file deleted mid-run (also from a worker)
+                    raise TrainingStopped(f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1}): cannot "
+                                          f"read the training data: {e}") from e
                 t_data = time.perf_counter() - t0
                 lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
                 try:
@@ -528,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         train(a, rank, world, device)
-    except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError) as e:
+    except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
+            RecordFormatError) as e:
         logger.error("%s", e)
         code = 1
     finally:
