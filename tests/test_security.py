@@ -172,6 +172,16 @@ def test_training_checkpoint_with_code_is_refused_on_resume_and_not_run(trained,
     assert code == 1 and "refused" in log, log[-3000:]
 
 
+def test_trainer_given_a_data_config_with_a_python_tag_stops_with_a_clear_error_and_does_not_run_it(
+        trained, tmp_path, marker):
+    bad = tmp_path / "data.yaml"
+    bad.write_text(f"META:\n  - path: !!python/object/apply:os.system ['touch {marker}']\n")
+    code = finetune_solver.main(solver_flags({**trained, "data": bad}, tmp_path / "out", "--max_steps", "1"))
+    assert not dist.is_initialized()
+    log = (tmp_path / "out" / "common.log").read_text()
+    assert code == 1 and f"data config {bad}: refused a YAML tag" in log, log[-3000:]
+
+
 def test_export_of_a_checkpoint_whose_metadata_has_code_is_refused_and_not_run(trained, tmp_path, marker, caplog):
     from model.export_hf import main as export_main
 
