@@ -1,7 +1,7 @@
 """Benchmark: images/s of pre_tokenize.py against the bare VQGAN encode and a Lumina-style loop.
 
     python bench/bench_pretokenize.py                          # 64 images, target 256, as in bench/RESULTS.md
-    python bench/bench_pretokenize.py --images 128 --batch_size 16 --num_workers 2
+    python bench/bench_pretokenize.py --images 128 --batch_size 16 --num_workers 2 --batched_pipeline
 
 Builds, in a temp dir, a bundle whose VQGAN has Chameleon's real architecture (ch 128, ch_mult 1,1,2,2,4,
 2 res blocks, z/embed dim 256, 8192 codes; seeded random weights, bundle format) with the tiny bundle's
@@ -17,8 +17,9 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
                  its record file as it grows; by default (CPU) each image of a batch is encoded alone
                  (batch-invariant codes), and once more with ``--no_batch_invariant`` (whole batches).
 
-Rates are steady state: the first ``--warmup`` images of each method are excluded (oneDNN primitive
-creation, model loading, worker start-up).
+Rates are steady state: the first batch of each method is excluded (oneDNN primitive creation, model
+loading, worker start-up). The three in-process methods run interleaved, batch by batch in rotating
+order, so that other jobs on a shared machine slow them alike; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -88,31 +89,43 @@ def rate(times: list[float], warmup: int) -> float:
     return (len(times) - warmup) / (times[-1] - times[warmup - 1])
 
 
-def bench_bare(tok: ChameleonTokenizer, pixels: list[np.ndarray], batch: int) -> list[float]:
-    done = []
-    x = torch.from_numpy(np.stack(pixels))
-    for s in range(0, len(pixels), batch):
-        tok.vqgan.encode(x[s:s + batch])
-        done += [time.perf_counter()] * len(x[s:s + batch])
-    return done
+def bare_batched(tok: ChameleonTokenizer, x: torch.Tensor) -> None:
+    tok.vqgan.encode(x)
 
 
-def bench_lumina_loop(proc: ItemProcessor, items: list[dict], base: Path, out: Path) -> list[float]:
-    out.mkdir(parents=True, exist_ok=True)
-    done = []
-    for i, item in enumerate(items):
+def bare_per_image(tok: ChameleonTokenizer, x: torch.Tensor) -> None:
+    for i in range(x.shape[0]):
+        tok.vqgan.encode(x[i:i + 1])
+
+
+def lumina_loop(proc: ItemProcessor, items: list[dict], first_id: int, base: Path, out: Path) -> None:
+    """Lumina's pre_tokenize.py loop body: process one item, pickle it to its own file."""
+    for k, item in enumerate(items):
         tokens, labels = proc.process_item(item, base)
-        with open(out / f"{i}.pkl", "wb") as f:
-            pickle.dump({"token": tokens, "label": labels, "id": i}, f)
-        done.append(time.perf_counter())
-    return done
+        with open(out / f"{first_id + k}.pkl", "wb") as f:
+            pickle.dump({"token": tokens, "label": labels, "id": first_id + k}, f)
+
+
+def interleaved(methods: dict, rounds: int) -> dict[str, float]:
+    """Runs every method on round k's images before any method on round k+1 (rotating the order), so
+    that a change in the machine's load hits all methods alike; round 0 warms up and is not counted."""
+    spent = {name: 0.0 for name in methods}
+    names = list(methods)
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            t0 = time.perf_counter()
+            methods[name](k)
+            if k:
+                spent[name] += time.perf_counter() - t0
+        logger.info("round %d/%d done; load average %.2f", k + 1, rounds, os.getloadavg()[0])
+    return spent
 
 
 def bench_script(data: Path, bundle: Path, out: Path, args, *extra: str) -> tuple[list[float], str, str]:
     cmd = [sys.executable, "pre_tokenize/pre_tokenize.py", "--in_filename", str(data), "--out_dir", str(out),
            "--tokenizer_dir", str(bundle), "--target_size", str(args.target_size), "--batch_size",
            str(args.batch_size), "--num_workers", str(args.num_workers), "--device", "cpu", "--commit_items", "1",
-           "--no_progress", *extra]
+           "--threads", str(args.threads), "--no_progress", *extra]
     rec = out / "0-of-1-record.jsonl"
     p = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     seen: list[float] = []
@@ -135,13 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target_size", type=int, default=256, help="pre_tokenize --target_size")
     parser.add_argument("--batch_size", type=int, default=8, help="VQGAN batch for bare batched and pre_tokenize")
     parser.add_argument("--num_workers", type=int, default=1, help="pre_tokenize --num_workers")
-    parser.add_argument("--warmup", type=int, default=8, help="images excluded from each steady-state rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for every method (0: torch's default)")
+    parser.add_argument("--batched_pipeline", action="store_true",
+                        help="also run pre_tokenize with --no_batch_invariant (whole batches per VQGAN call)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pretokenize.json",
                         help="where to write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.images <= args.warmup + 1:
-        parser.error("--images must exceed --warmup + 1")
+    if args.images < 3 * args.batch_size:
+        parser.error("--images must be at least 3 * --batch_size (the first batch is a warm-up)")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -153,26 +168,34 @@ def main(argv: list[str] | None = None) -> None:
         pixels = [im for it in items for im in proc.prepare(it, tmp).images]
         logger.info("%d images preprocessed to %s; torch %s, %d threads, channels_last=%s", len(pixels),
                     pixels[0].shape, torch.__version__, torch.get_num_threads(), tok.vqgan.channels_last)
-        results = {}
-        for name, fn in (("bare batched", lambda: bench_bare(tok, pixels, args.batch_size)),
-                         ("bare per-image", lambda: bench_bare(tok, pixels, 1)),
-                         ("lumina loop", lambda: bench_lumina_loop(proc, items, tmp, tmp / "lumina"))):
-            t0 = time.perf_counter()
-            times = fn()
-            results[name] = {"images_per_s": rate(times, args.warmup), "wall_s": times[-1] - t0}
-            logger.info("%-15s %.3f images/s (steady), %.1f s wall", name, results[name]["images_per_s"],
-                        results[name]["wall_s"])
-        for name, extra in (("pre_tokenize", ()), ("pre_tokenize --no_batch_invariant", ("--no_batch_invariant",))):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        (tmp / "lumina").mkdir()
+        b = args.batch_size
+        x = torch.from_numpy(np.stack(pixels))
+        methods = {"bare batched": lambda k: bare_batched(tok, x[k * b:(k + 1) * b]),
+                   "bare per-image": lambda k: bare_per_image(tok, x[k * b:(k + 1) * b]),
+                   "lumina loop": lambda k: lumina_loop(proc, items[k * b:(k + 1) * b], k * b, tmp, tmp / "lumina")}
+        load = {"before": os.getloadavg()[0]}
+        spent = interleaved(methods, len(items) // b)
+        counted = (len(items) // b - 1) * b
+        results = {name: {"images_per_s": counted / t, "seconds": t} for name, t in spent.items()}
+        load["after in-process methods"] = os.getloadavg()[0]
+        runs = [("pre_tokenize", ())] + ([("pre_tokenize --no_batch_invariant", ("--no_batch_invariant",))]
+                                         if args.batched_pipeline else [])
+        for name, extra in runs:
             t0 = time.perf_counter()
             times, cmd, log = bench_script(data, bundle, tmp / name.replace(" ", "_"), args, *extra)
-            results[name] = {"images_per_s": rate(times, args.warmup), "wall_s": time.perf_counter() - t0,
+            results[name] = {"images_per_s": rate(times, b), "seconds": time.perf_counter() - t0,
                              "command": cmd, "summary": log.strip().splitlines()[-1]}
-            logger.info("%-15s %.3f images/s (steady), %.1f s wall", name, results[name]["images_per_s"],
-                        results[name]["wall_s"])
+            load[f"after {name}"] = os.getloadavg()[0]
+        for name, r in results.items():
+            logger.info("%-34s %.3f images/s (steady)", name, r["images_per_s"])
 
     base = results["bare batched"]["images_per_s"]
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results,
+              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
+              "results": results,
               "pre_tokenize_vs_bare_batched": results["pre_tokenize"]["images_per_s"] / base,
               "pre_tokenize_vs_lumina_loop": results["pre_tokenize"]["images_per_s"]
               / results["lumina loop"]["images_per_s"]}
