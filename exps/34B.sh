@@ -1,76 +1,18 @@
 #!/bin/bash
-# Lumina-mGPT's 34B fine-tuning on this trainer: Lumina publishes only exps/7B.sh, so this is its
-# hyper-parameters with --model_size 34B (Lumina's starting point Alpha-VLLM/Chameleon_34B_mGPT).
+# Lumina-mGPT's 34B fine-tuning on this trainer: Lumina publishes only exps/7B.sh, so this is that
+# script's hyper-parameters with --model_size 34B (Lumina's starting point Alpha-VLLM/Chameleon_34B_mGPT
+# when INIT_FROM is empty). Same environment variables and launchers as exps/7B.sh:
 #
 #   srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/34B.sh        # SLURM: one task per GPU
 #   LAUNCHER=torchrun NNODES=1 NPROC_PER_NODE=8 bash exps/34B.sh        # one node with torchrun
 #   DATA_CONFIG=my.yaml OUTPUT_DIR=output/34B-run2 bash exps/34B.sh --epochs 1   # extra flags win
 #   DRY_RUN=1 bash exps/34B.sh                                          # print the command, run nothing
 #
-# INIT_FROM: HF-format Chameleon dir or hub id (e.g. facebook/chameleon-7b, or a Lumina-mGPT checkpoint).
-# Empty (the default, as in Lumina): the run makes Lumina's starting point in OUTPUT_DIR/starting_point
-# from Alpha-VLLM/Chameleon_34B_mGPT with the image-code rows of lm_head zeroed (needs the network once).
-# Hyper-parameters are Lumina's script's: 2 epochs, constant lr 2e-5 after a 0.01-epoch warmup
-# (min_lr = lr), wd 0.1, clip 4, dropout 0.05, z-loss 1e-5, 8 items x 4096 tokens per GPU, image logits
-# unmasked (text-to-image training). Precision: Lumina's defaults, bf16 compute with fp32 gradient
-# reduction, FSDP full shard, activation checkpointing.
 # Model parallelism: Lumina runs 34B with --model_parallel_size 2 (fairscale tensor parallel). This trainer
 # has no tensor parallelism (mp > 1 is an error), so it runs mp 1: FSDP shards the 34B parameters, gradients
 # and AdamW state over all GPUs (about 34e9 * 16 bytes / #GPUs, i.e. 17 GB each on 32 GPUs) plus
 # activations; with 80 GB GPUs, --batch_size 8 at 4096 tokens fits with --checkpointing. If it does not on
 # yours, lower --batch_size and raise --accum_iter to keep the global batch.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-lr=2e-5
-wd=0.1
-dropout=0.05
-z_loss_weight=1e-5
-
-INIT_FROM=${INIT_FROM:-}
-DATA_CONFIG=${DATA_CONFIG:-configs/data/sample.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-output/34B}
-LAUNCHER=${LAUNCHER:-python}   # python (srun or a single process) | torchrun
-PYTHON=${PYTHON:-python}
-
-args=(
-  --model_size 34B
-  --batch_size 8
-  --accum_iter 1
-  --epochs 2
-  --warmup_epochs 0.01
-  --lr "$lr"
-  --min_lr "$lr"
-  --wd "$wd"
-  --clip_grad 4
-  --data_config "$DATA_CONFIG"
-  --cache_ann_on_disk
-  --num_workers 8
-  --output_dir "$OUTPUT_DIR"
-  --save_iteration_interval 1000
-  --checkpointing
-  --max_seq_len 4096
-  --unmask_image_logits
-  --dropout "$dropout"
-  --z_loss_weight "$z_loss_weight"
-  --model_parallel_size 1
-  --data_parallel fsdp
-  --precision bf16
-  --grad_precision fp32
-)
-if [[ -n "$INIT_FROM" ]]; then args+=(--init_from "$INIT_FROM"); fi
-
-if [[ "$LAUNCHER" == torchrun ]]; then
-  cmd=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${NPROC_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
-       --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" finetune_solver.py)
-else  # under srun every task runs this line; finetune_solver.py reads SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST
-  cmd=("$PYTHON" -u finetune_solver.py)
-fi
-full=("${cmd[@]}" "${args[@]}" "$@")
-if [[ -n "${DRY_RUN:-}" ]]; then
-  printf '%q ' "${full[@]}"; echo
-  exit 0
-fi
-mkdir -p "$OUTPUT_DIR"
-"${full[@]}" 2>&1 | tee -a "$OUTPUT_DIR/output.log"
-echo "exp name: $(basename "$OUTPUT_DIR")"
+export OUTPUT_DIR=${OUTPUT_DIR:-output/34B}
+exec bash "$(dirname "$0")/7B.sh" --model_size 34B "$@"   # later flags win over 7B.sh's --model_size 7B

@@ -22,7 +22,7 @@ dropout=0.05
 z_loss_weight=1e-5
 
 INIT_FROM=${INIT_FROM:-}
-DATA_CONFIG=${DATA_CONFIG:-configs/data/sample.yaml}
+DATA_CONFIG=${DATA_CONFIG:?set DATA_CONFIG to your data config YAML (META: [{path, type, ratio}]; see README)}
 OUTPUT_DIR=${OUTPUT_DIR:-output/7B}
 LAUNCHER=${LAUNCHER:-python}   # python (srun or a single process) | torchrun
 PYTHON=${PYTHON:-python}
