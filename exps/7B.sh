@@ -22,7 +22,7 @@ dropout=0.05
 z_loss_weight=1e-5
 
 INIT_FROM=${INIT_FROM:-}
-DATA_CONFIG=${DATA_CONFIG:?set DATA_CONFIG to your data config YAML (META: [{path, type, ratio}]; see README)}
+DATA_CONFIG=${DATA_CONFIG:?set DATA_CONFIG to your data config YAML, see the README section on the data config}
 OUTPUT_DIR=${OUTPUT_DIR:-output/7B}
 LAUNCHER=${LAUNCHER:-python}   # python (srun or a single process) | torchrun
 PYTHON=${PYTHON:-python}
