@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name,
+from data.records import (Record, ShardWriter, errors_name, record_name,
                           shard_end_bytes, shard_name)
 
 logger = logging.getLogger(__name__)
