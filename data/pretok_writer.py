@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.records import (Record, ShardWriter, errors_name, record_name,
+from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name,
                           shard_end_bytes, shard_name)
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,10 @@ class _LineFile:
                                               f"range [{self.ids.start}, {self.ids.stop}); was this "
                                               f"directory written by another run?")
                 if self.shard is not None:
-                    rec = Record.from_dict(d, where)
+                    try:
+                        rec = Record.from_dict(d, where)
+                    except RecordFormatError as e:
+                        raise OutputConflictError(f"{e}; was this directory written by another tool?") from e
                     expect = 0 if self.last is None else self.last.offset + 2 * self.last.len
                     if rec.file != self.shard or rec.offset != expect:
                         raise OutputConflictError(
