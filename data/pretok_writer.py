@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name,
+from data.records import (Record, RecordFormatError, ShardWriter, fsync_dir, errors_name, record_name,
                           shard_end_bytes, shard_name)
 
 logger = logging.getLogger(__name__)
@@ -83,14 +83,6 @@ def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj) -> None:
     """temp file + fsync + rename + directory fsync: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -99,7 +91,7 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------- resume

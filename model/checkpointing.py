@@ -59,6 +59,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from data.records import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "lumina-stack-train-ckpt"
@@ -309,14 +311,6 @@ def latest_usable_checkpoint(output_dir: str | Path) -> Path | None:
 # save / load
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -358,12 +352,12 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
             f.write(f"{FORMAT} {VERSION}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = out / f"{TMP_PREFIX}old-{name}"
         if final.exists():  # re-saving a name (a run restarted from an older checkpoint)
             final.rename(old)
         os.rename(tmp, final)
-        _fsync_dir(out)
+        fsync_dir(out)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         prune_checkpoints(out, max_keep)
