@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tar_helper import write_tar
 from PIL import Image
 
 from data.records import IGNORE_INDEX, ShardReader, iter_record_file
@@ -21,16 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "128"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny VQGAN's convolutions are so short that 2 threads on a 2-core machine shared with other
-    jobs stall on each other (~10x slower); the output does not depend on it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv(*turns: str) -> list[dict]:
@@ -246,24 +238,19 @@ def test_bad_input_file_fails_at_once_with_a_clear_message(tmp_path, tiny_bundle
 
 
 def test_webdataset_shards_give_the_same_tokens_as_the_same_items_in_json(dataset, tiny_bundle, tmp_path):
-    import io
-    import tarfile
-
     img = dataset["dir"] / "img"
     wds, items = tmp_path / "wds", []
     wds.mkdir()
     for shard, names in (("a-000.tar", ["rgb.png", "gray.png"]), ("a-001.tar", ["exif.jpg"])):
-        with tarfile.open(wds / shard, "w") as tf:
-            for k, name in enumerate(names):
-                key = f"{shard[:-4]}_{k:03d}"
-                for ext, data in ((Path(name).suffix[1:], (img / name).read_bytes()),
-                                  ("json", json.dumps({"question": f"What is {name}?"}).encode()),
-                                  ("txt", f"It is {name}.\n".encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-                items.append({"conversations": conv(f"What is {name}?", f"It is {name}."),
-                              "image": [str(img / name)]})
+        members = []
+        for k, name in enumerate(names):
+            key = f"{shard[:-4]}_{k:03d}"
+            members += [(f"{key}.{Path(name).suffix[1:]}", (img / name).read_bytes()),
+                        (f"{key}.json", json.dumps({"question": f"What is {name}?"}).encode()),
+                        (f"{key}.txt", f"It is {name}.\n".encode())]
+            items.append({"conversations": conv(f"What is {name}?", f"It is {name}."),
+                          "image": [str(img / name)]})
+        write_tar(wds / shard, members)
     (tmp_path / "same.json").write_text(json.dumps(items))
     pretok(wds, tmp_path / "o_wds", tiny_bundle, "--num_workers", "1")
     pretok(tmp_path / "same.json", tmp_path / "o_json", tiny_bundle, "--num_workers", "0")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
 import pytest
+from tar_helper import write_tar
 
 import data.input_formats as inf
 from data.input_formats import InputFileError, open_input, rank_range
@@ -134,21 +132,15 @@ def test_llava_json_is_detected_and_its_image_markers_converted(tmp_path):
     assert next(iter(src.iter_items(range(1)))).item["conversations"][0]["value"].endswith("<image> tag")
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset_samples_group_by_key_in_shard_name_order(tmp_path):
     d = tmp_path / "wds"
     d.mkdir()
     q = lambda s: json.dumps({"question": s}).encode()  # noqa: E731
-    _tar(d / "shard-001.tar", [("c/0003.jpg", b"JPG3"), ("c/0003.json", q("q3")), ("c/0003.txt", b"a3\n"),
+    write_tar(d / "shard-001.tar", [("c/0003.jpg", b"JPG3"), ("c/0003.json", q("q3")), ("c/0003.txt", b"a3\n"),
                                ("c/0004.json", q("q4")), ("c/0004.txt", b"a4")])  # 0004 has no image
-    _tar(d / "shard-000.tar", [("0001.png", b"PNG1"), ("0001.json", q("q1")), ("0001.txt", b"a1"),
+    write_tar(d / "shard-000.tar", [("0001.png", b"PNG1"), ("0001.json", q("q1")), ("0001.txt", b"a1"),
                                ("0002.webp", b"WEBP"), ("0002.json", b"not json"), ("0002.txt", b"a2")])
     (d / "notes.md").write_text("ignored")
     src = open_input(d)

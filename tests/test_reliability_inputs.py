@@ -17,13 +17,12 @@ from __future__ import annotations
 import io
 import json
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from tar_helper import write_tar
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -40,13 +39,7 @@ EOT = "<reserved08706>"
 MARKER = "<|image|>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """2 cores shared with other jobs: one intra-op thread is faster for the tiny VQGAN (same codes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -342,12 +335,6 @@ def test_long_item_is_kept_whole_by_pretokenization_and_truncated_by_the_trainin
 # ----------------------------------------------------------------------------------- webdataset kinds
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 WDS_KINDS = [  # (kind, outcome, members of the sample "s{k}")
@@ -379,7 +366,7 @@ def test_webdataset_samples_broken_in_each_way_are_rejected_and_good_ones_kept(t
             data = rgb if v == "rgb" else json.dumps(v).encode() if isinstance(v, dict) else v
             members.append((f"{prefix}s{k:03d}.{ext}", data))
     (tmp_path / "wds").mkdir()
-    _tar(tmp_path / "wds" / "shard-000.tar", members)
+    write_tar(tmp_path / "wds" / "shard-000.tar", members)
     run(PretokArgs.parse(["--in_filename", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "out"),
                           "--tokenizer_dir", str(tiny_bundle), "--target_size", str(TARGET), "--num_workers", "0",
                           "--no_progress"]))

@@ -41,14 +41,7 @@ FILES = ["tokens.bin", "record.jsonl", "errors.jsonl", "run.json", "done.json"]
 LOG = logging.getLogger(__name__)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
