@@ -6,5 +6,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+# optional features (LoRA, video, energon, dashboards, plots): CI tests them all
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-extras.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 .venv/bin/python -c "import torch, transformers, taming, fairscale; print('stack ready: torch', torch.__version__, 'transformers', transformers.__version__)"
