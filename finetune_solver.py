@@ -44,6 +44,7 @@ from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm,
                                 read_hf_weights, resolve_hf_dir, zero_image_head)
 from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
+from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, save_lumina
 from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
                            setup_logging, teardown_logging)
 from model.optim import build_optimizer, lr_at, set_lr
@@ -115,6 +116,9 @@ class TrainArgs:
     resume_path: str | None = _f(None, "resume from this checkpoint directory (wins over --auto_resume)")
     export_hf: bool = _f(True, "write an HF-format model into epoch{E}/hf/ at each epoch checkpoint",
                          neg="--no_export_hf")
+    # Lumina layout export (model/lumina_layout.py)
+    export_layout: str = _f("hf", "layouts of the epoch exports: hf (epoch{E}/hf/, transformers), lumina "
+                                  "(epoch{E}/lumina/, Lumina-mGPT's own tools), or both", choices=["hf", "lumina", "both"])
     log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
 
 
@@ -187,6 +191,8 @@ def validate_args(a: TrainArgs) -> list[str]:
         bad.append(f"--resume_path {a.resume_path}: no such directory")
     if a.init_from is not None and a.init_from.startswith((".", "/", "~")) and not Path(a.init_from).expanduser().is_dir():
         bad.append(f"--init_from {a.init_from}: no such directory")
+    if a.export_layout != "hf" and not a.export_hf:
+        bad.append(f"--export_layout {a.export_layout} asks for epoch exports, which --no_export_hf turns off")
     return bad
 
 
@@ -214,8 +220,9 @@ def _broadcast(obj, rank: int):
     return box[0]
 
 
-def _resolve_model_dir(a: TrainArgs, rank: int) -> tuple[str, dict]:
-    """(directory of the initial HF weights, its config dict), decided on rank 0 and broadcast."""
+def _resolve_model_dir(a: TrainArgs, rank: int, resume: Path | None) -> tuple[str, dict]:
+    """(directory of the initial HF weights, its config dict with the run's q/k-norm grouping), decided on
+    rank 0 and broadcast."""
     result: object = None
     if rank == 0:
         try:
@@ -229,7 +236,9 @@ def _resolve_model_dir(a: TrainArgs, rank: int) -> tuple[str, dict]:
                 else:
                     logger.info("making the starting point %s from %s", d, STARTING_POINTS[a.model_size])
                     zero_image_head(resolve_hf_dir(STARTING_POINTS[a.model_size]), d)
-            result = (str(d), json.loads(load_hf_config(d).to_json_string()))
+            cfg = load_hf_config(d)
+            cfg.qk_norm_groups = choose_qk_norm_groups(d, cfg, resume)  # Lumina's per-shard q/k norms
+            result = (str(d), json.loads(cfg.to_json_string()))
         except (ModelLoadError, OSError) as e:
             result = TrainingStopped(str(e))
     return _broadcast(result, rank)
@@ -373,8 +382,10 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         logger.info("resuming from %s", resume)
 
     # model: built on the meta device, sharded, then materialised shard by shard
-    model_dir, cfg_dict = _resolve_model_dir(a, rank)
+    model_dir, cfg_dict = _resolve_model_dir(a, rank, resume)
     config = config_from_dict(cfg_dict, where=f"{model_dir}/config.json")
+    if a.export_hf and a.export_layout != "hf" and lumina_export_problem(config):
+        raise TrainingStopped(f"--export_layout {a.export_layout}: {lumina_export_problem(config)}")
     config.max_position_embeddings = a.max_seq_len  # as Lumina: the context the model is trained for
     lm = build_chameleon_lm(config, device="meta", mask_image_logits=a.mask_image_logits,
                             z_loss_weight=a.z_loss_weight, dropout=a.dropout, loss_chunk_size=a.loss_chunk_size)
@@ -429,9 +440,11 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         if epoch_done and a.export_hf:
             def export(path: Path) -> None:
                 full = ckpt.gather_full_model_state(lm)
-                if rank == 0:
+                if rank == 0 and a.export_layout in ("hf", "both"):
                     vq = _read_vq(model_dir, config)
                     ckpt.save_hf(full, config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
+                if rank == 0 and a.export_layout in ("lumina", "both"):
+                    save_lumina(full, config, path.parent / "lumina", dtype=DTYPES[a.precision], flags=vars(a))
         return ckpt.save_checkpoint(out, name, model=lm, optimizer=optimizer, train_state=state,
                                     args=dataclasses.asdict(a), hf_config=json.loads(config.to_json_string()),
                                     max_keep=a.ckpt_max_keep, export=export)

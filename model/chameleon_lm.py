@@ -55,6 +55,8 @@ from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
+from model.qk_norm import NORM_KEY_RE, QKNormLayoutError, fit_qk_norm, install_grouped_qk_norms
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN_PREFIX = "IMGIMG"  # how the vocabulary names image codes (transformers uses the same rule)
@@ -290,6 +292,7 @@ class ChameleonLM(nn.Module):
         if hasattr(hf_model.model, "vqmodel"):
             del hf_model.model.vqmodel  # the VQ model is frozen and unused: images arrive as codes
         self.model = hf_model.model
+        install_grouped_qk_norms(self.model, self.config)  # Lumina's [groups, head_dim] q/k norms, if recorded
         self.lm_head = LMHeadWithLoss.from_linear(
             hf_model.lm_head, image_ids=image_token_ids(self.config), mask_image_logits=mask_image_logits,
             z_loss_weight=z_loss_weight, chunk_size=loss_chunk_size)
@@ -379,13 +382,8 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     raise ModelLoadError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weight files")
 
 
-def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors (CPU, stored dtype) by HF key. VQ-model keys are dropped unless ``with_vq``.
-
-    Lumina-mGPT's own checkpoints store the attention q/k LayerNorm weights as [model_parallel, head_dim]
-    (its layer repeats them per head at run time); transformers' layer holds [heads, head_dim]. Such
-    tensors are expanded here with the same repeat_interleave.
-    """
+def _read_tensors(hf_dir: Path, want) -> dict[str, torch.Tensor]:
+    """The tensors (CPU, stored dtype) of an HF dir whose key passes ``want(key)``."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -393,7 +391,7 @@ def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = Fa
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
-                    if with_vq or ".vqmodel." not in k:
+                    if want(k):
                         out[k] = sf.get_tensor(k)
         else:
             try:
@@ -402,13 +400,27 @@ def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = Fa
                 raise ModelLoadError(f"{f}: cannot be read as a torch checkpoint with weights_only=True (refused: "
                                      f"it would need more than tensors, or it is damaged): "
                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-            out.update({k: v for k, v in sd.items() if with_vq or ".vqmodel." not in k})
-    heads = {"q_norm": config.num_attention_heads, "k_norm": config.num_key_value_heads or config.num_attention_heads}
-    for k, v in list(out.items()):
-        for name, n_heads in heads.items():
-            if f"self_attn.{name}." in k and v.dim() == 2 and v.shape[0] != n_heads and n_heads % v.shape[0] == 0:
-                out[k] = v.repeat_interleave(n_heads // v.shape[0], dim=0)
+            out.update({k: v for k, v in sd.items() if want(k)})
     return out
+
+
+def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (CPU, stored dtype) by HF key. VQ-model keys are dropped unless ``with_vq``.
+
+    The attention q/k LayerNorm weights and biases come in the shapes a model built from ``config`` holds
+    (``model.qk_norm.qk_norm_shapes``): Lumina-mGPT stores them as [model_parallel_size, head_dim],
+    transformers as [heads, head_dim]; either is regrouped exactly (``fit_qk_norm``) or refused.
+    """
+    out = _read_tensors(Path(hf_dir), lambda k: with_vq or ".vqmodel." not in k)
+    try:
+        return {k: fit_qk_norm(k, v, config) for k, v in out.items()}
+    except QKNormLayoutError as e:
+        raise ModelLoadError(f"{hf_dir}: {e}") from e
+
+
+def read_qk_norms(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Only the attention q/k norm tensors of an HF dir, as stored (for deciding their grouping)."""
+    return _read_tensors(Path(hf_dir), lambda k: NORM_KEY_RE.match(k) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Layout (format ``lumina-stack-train-ckpt`` version 1), one directory per checkpo
         config.json                  the model's transformers config
         hf/                          (epoch ends, unless --no_export_hf) ChameleonForConditionalGeneration
                                      save_pretrained output, safetensors
+        lumina/                      (epoch ends, with --export_layout lumina|both) Lumina-mGPT's layout
+                                     (model/lumina_layout.py)
         COMPLETE                     written last
 
 Atomicity: everything is written into ``{output_dir}/.tmp-{name}/``; after all ranks are done (barrier),
@@ -60,6 +62,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from data.records import fsync_dir
+from model.qk_norm import regroup_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +411,8 @@ def save_hf(full_sd: dict[str, torch.Tensor], config, out_dir: str | Path, *, dt
     """Writes ``ChameleonForConditionalGeneration.save_pretrained`` output (safetensors) from our weights.
 
     The VQ model, which training drops, is put back from ``vq_state_dict`` (keys ``model.vqmodel.*``, e.g.
-    from the --init_from checkpoint); without it, it is randomly initialised and a warning says so.
+    from the --init_from checkpoint); without it, it is randomly initialised and a warning says so. Grouped
+    q/k norms ([groups, head_dim], see model/qk_norm.py) are written per head, each group's row repeated.
     """
     from transformers import ChameleonForConditionalGeneration
     from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding, ChameleonVQVAE
@@ -416,7 +420,7 @@ def save_hf(full_sd: dict[str, torch.Tensor], config, out_dir: str | Path, *, dt
     out_dir = Path(out_dir)
     with torch.device("meta"):
         hf = ChameleonForConditionalGeneration(config)
-    sd = {k: v.to(dtype) for k, v in full_sd.items()}
+    sd = {k: v.to(dtype) for k, v in regroup_state_dict(full_sd, config, None).items()}
     vq = {k: v.to(dtype) for k, v in (vq_state_dict or {}).items()}
     if not vq:
         logger.warning("HF export %s: no VQ-model weights available, writing a randomly initialised VQ model "

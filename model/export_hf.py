@@ -2,12 +2,16 @@
 
     python model/export_hf.py --ckpt output/7B/epoch0-iter1000 --out output/7B/hf-epoch0-iter1000
     python model/export_hf.py --ckpt output/7B/epoch0 --out /tmp/hf --dtype bf16 --vq_from ckpts/chameleon-7b
+    python model/export_hf.py --ckpt output/7B/epoch0 --out /tmp/lumina --layout lumina --dtype bf16
 
 One process, no GPU: the shards of every rank are read into one full model (torch.distributed.checkpoint
 reshards on load), so it needs CPU memory for the whole model in fp32 (about 28 GB for 7B). The result
 loads with ``ChameleonForConditionalGeneration.from_pretrained(out)``. The VQ model, which training does
 not keep, is copied from ``--vq_from`` (default: the run's ``--init_from`` recorded in the checkpoint).
 Epoch checkpoints already hold this export in ``epoch{E}/hf/`` unless the run had ``--no_export_hf``.
+``--layout lumina`` writes Lumina-mGPT's layout instead (its ChameleonXLLMXForConditionalGeneration
+opens it; q/k norms [model_parallel_size, head_dim], sharded safetensors with an index, no VQ model):
+see model/lumina_layout.py.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_hf_weights
 from model.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
+from model.lumina_layout import LuminaLayoutError, save_lumina
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +50,14 @@ def load_lm_from_checkpoint(ckpt: str | Path) -> ChameleonLM:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
-                      vq_from: str | Path | None = None) -> Path:
+                      vq_from: str | Path | None = None, layout: str = "hf") -> Path:
     ckpt = Path(ckpt)
     lm = load_lm_from_checkpoint(ckpt)
     args = json.loads((ckpt / "args.json").read_text())
     if dtype is None:
         dtype = "bf16" if args.get("precision") == "bf16" else "fp16" if args.get("precision") == "fp16" else "fp32"
+    if layout == "lumina":
+        return save_lumina(lm.state_dict(), lm.config, out, dtype=DTYPES[dtype], flags=args)
     vq = None
     src = vq_from or args.get("init_from") or (Path(args.get("output_dir", ".")) / "starting_point")
     try:
@@ -70,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of the written weights (default: the run's --precision; fp32 for fp32/tf32)")
     p.add_argument("--vq_from", type=Path, default=None,
                    help="HF dir to take the VQ model from (default: the run's --init_from)")
+    p.add_argument("--layout", choices=["hf", "lumina"], default="hf",
+                   help="hf: transformers' layout (default); lumina: Lumina-mGPT's (its own tools open it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        out = export_checkpoint(a.ckpt, a.out, dtype=a.dtype, vq_from=a.vq_from)
-    except (CheckpointError, ModelLoadError) as e:
+        out = export_checkpoint(a.ckpt, a.out, dtype=a.dtype, vq_from=a.vq_from, layout=a.layout)
+    except (CheckpointError, ModelLoadError, LuminaLayoutError) as e:
         logger.error("%s", e)
         return 1
     logger.info("wrote %s", out)
