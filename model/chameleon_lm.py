@@ -33,6 +33,12 @@ backward, a third more head FLOPs; on a small model with a 65k vocabulary the he
 Peak extra memory is a few [chunk, vocab] fp32 buffers plus a [vocab, hidden] fp32 gradient accumulator;
 bench/bench_loss_memory.py measures it against the naive computation.
 
+q/k norms. Lumina-mGPT trains one q-norm and one k-norm affine per model-parallel shard, shared by that
+shard's heads; transformers holds one per head. When ``config.qk_norm_groups`` records a grouping (the
+trainer decides it from the checkpoint), each layer's ``q_norm`` / ``k_norm`` is replaced by
+``model.qk_norm.GroupedQKNorm`` ([groups, head_dim], same state-dict keys), so training keeps Lumina's
+parameterisation; see model/qk_norm.py and model/lumina_layout.py.
+
 Dropout (``--dropout``). Lumina adds ``residual + dropout(sublayer(x))`` to each decoder layer. We get the
 same without copying transformers' layer code: forward hooks on each layer's attention and MLP output
 (for ``swin_norm`` layers, on the post-sublayer norms, which is where Lumina's swin layer drops out),

@@ -67,8 +67,7 @@ def choose_qk_norm_groups(model_dir: str | Path, config, resume: str | Path | No
         logger.info("q/k-norm layout: per head (%d q / %d k heads, independent affines; %s)",
                     *head_counts(config).values(), why)
     else:
-        logger.info("q/k-norm layout: %d group(s), parameters [%d, head_dim] repeated over the heads (%s)",
-                    groups, groups, why)
+        logger.info("q/k-norm layout: %d group(s) of heads, parameters [%d, head_dim] (%s)", groups, groups, why)
     return groups
 
 

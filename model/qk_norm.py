@@ -194,9 +194,7 @@ def decide_groups(norms: dict[str, torch.Tensor], config) -> tuple[int | None, s
     per_head_stored = (rq, rk) == (heads["q_norm"], heads["k_norm"])
     mp = int(getattr(config, "model_parallel_size", 1) or 1)
     if rq == rk and heads["q_norm"] % rq == 0 and heads["k_norm"] % rq == 0 and (not per_head_stored or rq == mp):
-        why = (f"Lumina layout: one q/k-norm affine per model-parallel shard, [{rq}, head_dim] "
-               f"(model_parallel_size {mp})")
-        return rq, why
+        return rq, f"Lumina layout: one affine per model-parallel shard, model_parallel_size {mp}"
     if not per_head_stored:
         raise QKNormLayoutError(f"q/k norms stored with {rq} / {rk} rows fit neither Lumina's layout "
                                 f"([model_parallel_size, head_dim] for both) nor per-head ({heads['q_norm']} / "
@@ -216,6 +214,5 @@ def decide_groups(norms: dict[str, torch.Tensor], config) -> tuple[int | None, s
         return recorded, f"per-head tensors, equal within the {recorded} groups the checkpoint records"
     for g in _divisors(math.gcd(heads["q_norm"], heads["k_norm"])):
         if g < heads["q_norm"] and reproduces(g):
-            return g, (f"per-head tensors equal within {g} group(s) of heads (as Meta's conversion repeats "
-                       f"each shard's affine): trained as [{g}, head_dim]")
-    return None, "per-head tensors that differ between heads: one independent affine per head"
+            return g, "per-head tensors equal within each group, as Meta's conversion repeats each shard's affine"
+    return None, "per-head tensors that differ between heads"
