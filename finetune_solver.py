@@ -384,8 +384,9 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     # model: built on the meta device, sharded, then materialised shard by shard
     model_dir, cfg_dict = _resolve_model_dir(a, rank, resume)
     config = config_from_dict(cfg_dict, where=f"{model_dir}/config.json")
-    if a.export_hf and a.export_layout != "hf" and lumina_export_problem(config):
-        raise TrainingStopped(f"--export_layout {a.export_layout}: {lumina_export_problem(config)}")
+    problem = a.export_hf and a.export_layout != "hf" and lumina_export_problem(config)
+    if problem:  # known before training: per-head norms that differ have no Lumina form
+        raise TrainingStopped(f"--export_layout {a.export_layout}: {problem}")
     config.max_position_embeddings = a.max_seq_len  # as Lumina: the context the model is trained for
     lm = build_chameleon_lm(config, device="meta", mask_image_logits=a.mask_image_logits,
                             z_loss_weight=a.z_loss_weight, dropout=a.dropout, loss_chunk_size=a.loss_chunk_size)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -90,6 +89,14 @@ def _ids() -> torch.Tensor:
     ids = torch.randint(9000, 10700, (2, 24), generator=torch.Generator().manual_seed(0))
     ids[0, 5:12] = torch.arange(100, 107)  # image codes in the input
     return ids
+
+
+def _stored(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors shards, as stored."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -194,6 +201,13 @@ def test_per_head_checkpoint_whose_heads_differ_keeps_per_head_norms_and_refuses
         tmp_path / "run" / "common.log").read_text()
 
 
+def test_export_layout_flag_asks_for_epoch_exports(assets, capsys):
+    with pytest.raises(SystemExit):
+        finetune_solver.parse_args(["--data_config", str(assets["data"]), "--export_layout", "both", "--no_export_hf"])
+    assert "--export_layout both asks for epoch exports" in capsys.readouterr().err
+    assert finetune_solver.parse_args(["--data_config", str(assets["data"])]).export_layout == "hf"
+
+
 def test_lumina_export_is_sharded_with_an_index_in_the_asked_dtype_without_vq_weights(assets, tmp_path):
     lm = _lm_from_dir(assets["lumina"])
     assert lm.config.qk_norm_groups == MP
@@ -203,10 +217,7 @@ def test_lumina_export_is_sharded_with_an_index_in_the_asked_dtype_without_vq_we
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted({*index["weight_map"].values()})
     assert len(files) > 1 and files == sorted(p.name for p in out.glob("*.safetensors"))
-    stored = {}
-    for f in files:
-        with safe_open(str(out / f), framework="pt") as sf:
-            stored.update({k: sf.get_tensor(k) for k in sf.keys()})
+    stored = _stored(out)
     assert set(stored) == set(index["weight_map"]) == set(lm.state_dict())
     assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in stored.values())
     assert all(v.dtype == torch.bfloat16 for v in stored.values()) and not any(".vqmodel." in k for k in stored)
@@ -217,10 +228,10 @@ def test_lumina_export_is_sharded_with_an_index_in_the_asked_dtype_without_vq_we
             cfg["z_loss_weight"], cfg["torch_dtype"], cfg["rope_scaling"]) == (MP, False, False, 0.05, 1e-5,
                                                                                 "bfloat16", None)
     assert "qk_norm_groups" not in cfg and "rope_parameters" not in cfg and cfg["rope_theta"] == 10000.0
-    # the release we started from, re-exported in fp32, is the same bytes per tensor
+    # the release we started from, loaded and re-exported in fp32, is the same tensors in the same shapes
     again = save_lumina(lm.state_dict(), lm.config, tmp_path / "fp32", dtype=torch.float32)
-    for name in json.loads((assets["lumina"] / "model.safetensors.index.json").read_text())["weight_map"]:
-        assert torch.equal(read_hf_weights(again, lm.config)[name], read_hf_weights(assets["lumina"], lm.config)[name])
+    before, after = _stored(assets["lumina"]), _stored(again)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_lumina_config_maps_rope_scaling_and_keeps_lumina_keys(assets):
@@ -255,9 +266,7 @@ def test_lumina_checkpoint_trains_on_two_ranks_with_one_affine_per_shard(assets,
             assert torch.equal(blocks, blocks[:, :1].expand_as(blocks)), k
             assert not torch.equal(v, start[k]), k  # trained
     # Lumina's layout holds the same rows, [model_parallel_size, head_dim]
-    lumina = {}
-    for f in (ckpt / "lumina").glob("*.safetensors"):
-        lumina.update(load_file(f))
+    lumina = _stored(ckpt / "lumina")
     assert set(lumina) == {k for k in hf if ".vqmodel." not in k}
     for k, v in lumina.items():
         assert torch.equal(v, hf[k][:: HEADS // MP] if NORM_KEY_RE.match(k) else hf[k]), k
@@ -281,9 +290,7 @@ def test_lumina_export_read_back_gives_the_logits_of_the_hf_export_and_of_lumina
     with torch.no_grad():
         theirs = hf.lm_head(hf.model(input_ids=ids, use_cache=False).last_hidden_state)
         assert torch.equal(theirs, trained)
-        lumina_sd = {}
-        for f in (ckpt / "lumina").glob("*.safetensors"):
-            lumina_sd.update(load_file(f))
+        lumina_sd = _stored(ckpt / "lumina")
         for i, layer in enumerate(hf.model.layers):  # Lumina's equations with Lumina's [mp, head_dim] tensors
             for name in ("q_norm", "k_norm"):
                 p = f"model.layers.{i}.self_attn.{name}."
@@ -293,8 +300,8 @@ def test_lumina_export_read_back_gives_the_logits_of_the_hf_export_and_of_lumina
     # the CLI, bf16 as Lumina's releases
     assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "bf16"), "--layout", "lumina",
                         "--dtype", "bf16"]) == 0
-    bf16 = load_file(next((tmp_path / "bf16").glob("*.safetensors")))
-    assert all(v.dtype == torch.bfloat16 for v in bf16.values())
+    bf16 = _stored(tmp_path / "bf16")
+    assert len(bf16) > 10 and all(v.dtype == torch.bfloat16 for v in bf16.values())
     assert math.isclose(json.loads((tmp_path / "bf16" / "config.json").read_text())["dropout"], 0.1)
 
 
@@ -307,6 +314,5 @@ def test_a_resumed_lumina_run_gives_the_same_losses_and_weights_bitwise(assets, 
     assert sorted(resumed) == [3, 4]
     for s in (3, 4):
         assert resumed[s]["loss"] == full[s]["loss"] and resumed[s]["grad_norm"] == full[s]["grad_norm"], s
-    a = load_file(next((run_2rank / "epoch0" / "lumina").glob("*.safetensors")))
-    b = load_file(next((tmp_path / "epoch0" / "lumina").glob("*.safetensors")))
+    a, b = _stored(run_2rank / "epoch0" / "lumina"), _stored(tmp_path / "epoch0" / "lumina")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
