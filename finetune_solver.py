@@ -456,7 +456,8 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                                     max_keep=a.ckpt_max_keep, export=export,
                                     model_keys=saved_model_keys(lm, a.only_save_trainable))
 
-    base_record = base_model_record(model_dir, a.only_save_trainable) if rank == 0 else {}
+    partial_saves = saved_model_keys(lm, a.only_save_trainable) is not None  # else it holds every tensor anyway
+    base_record = base_model_record(model_dir, partial_saves) if rank == 0 else {}
 
     metrics = MetricsWriter(out, enabled=rank == 0)
     lm.train()

@@ -246,10 +246,11 @@ def attach_to_optimizer(optimizer: torch.optim.Optimizer, lm: nn.Module) -> torc
 
 
 def saved_model_keys(lm: nn.Module, only_trainable: bool) -> set[str] | None:
-    """State-dict keys a checkpoint holds: None (all) unless ``only_trainable``."""
+    """State-dict keys a checkpoint holds: None (all) unless ``only_trainable`` and something is frozen."""
     if not only_trainable:
         return None
-    return {clean_name(n) for n, p in lm.named_parameters() if p.requires_grad}
+    keys = {clean_name(n) for n, p in lm.named_parameters() if p.requires_grad}
+    return keys if len(keys) < len(list(lm.parameters())) else None
 
 
 def load_base_weights(lm: nn.Module, base: str | Path) -> nn.Module:

@@ -15,7 +15,9 @@ import finetune_solver
 from model import checkpointing as ck
 from model.chameleon_lm import build_chameleon_lm, image_token_ids, load_hf_config
 from model.export_hf import load_lm_from_checkpoint, main as export_main
-from model.trainable import EMBED, HEAD, TrainableError, apply_trainable, base_fingerprint, resolve
+from model.optim import build_optimizer
+from model.trainable import (EMBED, HEAD, TrainableError, TrainablePlan, apply_trainable, attach_to_optimizer,
+                             base_fingerprint, mask_frozen_rows, resolve, shard_row_masks)
 from test_trainer import _same_logits, assets, metrics, solve  # noqa: F401 - assets is a fixture
 
 # wd > 0 so that AdamW's decoupled weight decay would move frozen rows if it were applied to them
@@ -66,6 +68,38 @@ def test_apply_trainable_freezes_and_counts(assets):  # noqa: F811
     norms = sum(v.numel() for n, v in p.items() if "norm" in n)
     assert info["trainable_params"] == 2 * rows * p[HEAD].shape[1] + norms
     assert p[HEAD].requires_grad and not p["model.layers.0.mlp.up_proj.weight"].requires_grad
+
+
+def test_trainable_rows_get_exactly_adamw_with_weight_decay_and_frozen_rows_nothing():
+
+    class Tiny(torch.nn.Module):  # stands for the head: one [rows, cols] weight with row-level training
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(3, 6, bias=False)
+
+    torch.manual_seed(0)
+    ours, ref = Tiny(), Tiny()
+    ref.load_state_dict(ours.state_dict())
+    ours.config = None
+    rows = torch.tensor([False, True, True, False, True, False])
+    ours.trainable_plan = TrainablePlan(rows={HEAD: rows})
+    shard_row_masks(ours)
+    before = ours.lm_head.weight.detach().clone()
+    opt = attach_to_optimizer(build_optimizer(ours, lr=0.1, weight_decay=0.5), ours)
+    ref_opt = build_optimizer(ref, lr=0.1, weight_decay=0.5)
+    for step in range(3):
+        x = torch.randn(4, 3)
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            m.lm_head(x).square().sum().backward()
+        mask_frozen_rows(ours)
+        assert torch.count_nonzero(ours.lm_head.weight.grad[~rows]) == 0
+        ref.lm_head.weight.grad[~rows] = 0
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()
+    w, wr = ours.lm_head.weight.detach(), ref.lm_head.weight.detach()
+    assert torch.equal(w[~rows], before[~rows])  # frozen rows: bitwise unchanged
+    assert torch.equal(w[rows], wr[rows])  # trainable rows: bitwise what AdamW with weight decay does
+    assert not torch.equal(wr[~rows], before[~rows])  # (plain AdamW would have decayed the frozen rows)
 
 
 def _initial(assets):  # noqa: F811
