@@ -10,11 +10,13 @@ Layout (format ``lumina-stack-train-ckpt`` version 1), one directory per checkpo
                                      (torch.save of plain tensors/ints, read with weights_only=True)
         trainer_state.json           {"format", "version", "epoch", "iter", "global_step", "epoch_done",
                                       "sampler": {"epoch", "step"}, "world_size", "global_batch_size",
-                                      "steps_per_epoch"}
+                                      "steps_per_epoch"}; with --only_save_trainable also
+                                     "base_model": {"path", "fingerprint"} (model/trainable.py)
         args.json                    the trainer's flags
         config.json                  the model's transformers config
         hf/                          (epoch ends, unless --no_export_hf) ChameleonForConditionalGeneration
                                      save_pretrained output, safetensors
+        hf/adapter/                  (LoRA runs) the peft adapter: adapter_model.safetensors, adapter_config.json
         COMPLETE                     written last
 
 Atomicity: everything is written into ``{output_dir}/.tmp-{name}/``; after all ranks are done (barrier),
