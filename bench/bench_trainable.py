@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -47,8 +44,8 @@ def worker(a) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import ChameleonForConditionalGeneration
 
+    from bench_fsdp_memory import initial_weights
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
     from model.lora import apply_lora, hf_to_model_state
@@ -62,10 +59,7 @@ def worker(a) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config(a.vocab, a.hidden, a.layers, a.heads)
     mesh = init_device_mesh("cpu", (world,))
-    hf_sd = {}
-    if rank == 0:
-        torch.manual_seed(0)
-        hf_sd = {k: v for k, v in ChameleonForConditionalGeneration(cfg).state_dict().items() if ".vqmodel." not in k}
+    hf_sd = initial_weights(cfg, rank)
     models = {}
     for name, (spec, r) in SETTINGS.items():
         lm = build_chameleon_lm(cfg, device="meta")
@@ -123,27 +117,21 @@ def main(argv: list[str] | None = None) -> None:
     if a.worker:
         worker(a)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bench_fsdp_memory import spawn_ranks
+
     argv_w = [sys.executable, __file__, "--worker", *sum(([f"--{k}", str(getattr(a, k))] for k in (
         "vocab", "hidden", "layers", "heads", "seq", "rounds")), [])] + (["--checkpointing"] if a.checkpointing else [])
-    procs = [subprocess.Popen(argv_w, stdout=subprocess.PIPE, text=True, env={
-        **os.environ, "RANK": str(r), "WORLD_SIZE": str(a.world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(a.world)]
-    rows = []
-    for pr in procs:
-        out, _ = pr.communicate(timeout=1800)
-        if pr.returncode:
-            raise SystemExit(f"rank failed with code {pr.returncode}")
-        rows += [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+    rows = [json.loads(line[4:]) for out in spawn_ranks(a.world, argv_w, timeout=1800) for line in out.splitlines()
+            if line.startswith("ROW ")]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    r0 = [r for r in rows if r["rank"] == 0]
-    base = r0[0]
     tot = lambda r: r["param_mb"] + r["grad_mb"] + r["optim_mb"]  # noqa: E731
+    r0 = [r for r in rows if r["rank"] == 0]
+    spread = max(abs(tot(r) - tot(q)) for r in rows for q in rows if r["setting"] == q["setting"])
+    base = r0[0]
     print(f"model: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {base['total'] / 1e6:.2f}M parameters; "
-          f"{a.world} rank(s), {a.seq} tokens/rank/step, {a.rounds} rounds; load average {' '.join(load)}")
+          f"{a.world} rank(s), {a.seq} tokens/rank/step, {a.rounds} rounds; load average {' '.join(load)}; "
+          f"largest difference between ranks in total MB: {spread:.3f}")
     print("| setting | trainable params | params MB/rank | grads MB/rank | optimizer MB/rank | total MB/rank | "
           "vs full | step s (median) | vs full |")
     print("|---|---|---|---|---|---|---|---|---|")
