@@ -11,7 +11,8 @@ model.optim + trainable.attach_to_optimizer. Then rounds of one finetune_solver.
 interleaved (so the machine's load hits every setting alike). Bytes counted on each rank after a step,
 before the gradients are freed: its parameter shards, its gradient shards, its optimizer state (exp_avg,
 exp_avg_sq, step) - what FSDP divides and freezing removes. Activations are not counted (the same
-for every setting up to the LoRA branches). Step time: median over rounds of the slowest rank's wall time.
+for every setting up to the LoRA branches). Step time: median over rounds of the slowest rank's wall time, and of its CPU time (process time; one thread
+per rank, so it moves less with the machine's load than wall time does).
 """
 
 from __future__ import annotations
@@ -86,18 +87,19 @@ def worker(a) -> None:
         batch = [{"input_ids": ids, "labels": ids, "n_real_tokens": torch.tensor(ids.numel())}]
         for name, (lm, opt, _, _) in models.items():
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fs.train_step(lm, opt, batch, a=args, device=torch.device("cpu"), lr=1e-4, n_params_no_embed=1)
-            dt = torch.tensor([time.perf_counter() - t0])
+            dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0])
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if rnd:
-                times[name].append(float(dt))
+                times[name].append(dt.tolist())
     for name, (lm, opt, grads, n_train) in models.items():
         row = {"setting": name, "rank": rank, "world": world, "trainable": n_train,
                "total": sum(p.numel() for p in lm.parameters()),
                "param_mb": sum(_bytes(p) for p in lm.parameters()) / 2**20, "grad_mb": grads.get("b", 0) / 2**20,
                "optim_mb": sum(_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-               / 2**20, "step_s": statistics.median(times[name])}
+               / 2**20, "step_s": statistics.median(t[0] for t in times[name]),
+               "step_cpu_s": statistics.median(t[1] for t in times[name])}
         print("ROW " + json.dumps(row), flush=True)
     dist.destroy_process_group()
 
@@ -133,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.world} rank(s), {a.seq} tokens/rank/step, {a.rounds} rounds; load average {' '.join(load)}; "
           f"largest difference between ranks in total MB: {spread:.3f}")
     print("| setting | trainable params | params MB/rank | grads MB/rank | optimizer MB/rank | total MB/rank | "
-          "vs full | step s (median) | vs full |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "vs full | step wall s | vs full | step CPU s | vs full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in r0:
         print(f"| {r['setting']} | {r['trainable'] / 1e6:.3f}M ({100 * r['trainable'] / r['total']:.1f}%) | "
               f"{r['param_mb']:.2f} | {r['grad_mb']:.2f} | {r['optim_mb']:.2f} | {tot(r):.2f} | "
-              f"{tot(r) / tot(base):.3f}x | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x |")
+              f"{tot(r) / tot(base):.3f}x | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
+              f"{r['step_cpu_s']:.3f} | {r['step_cpu_s'] / base['step_cpu_s']:.2f}x |")
 
 
 if __name__ == "__main__":
