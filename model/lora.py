@@ -137,7 +137,8 @@ def extra_trained_modules(lm: nn.Module) -> list[str]:
 def merged_hf_state(sd: dict[str, torch.Tensor], lm: nn.Module, adapter_dir: str | Path,
                     base: str | Path | None) -> dict[str, torch.Tensor]:
     """For a LoRA model: writes the peft adapter into ``adapter_dir`` and returns the merged HF-keyed weights
-    (``sd``: the full state dict of ``lm``, CPU). Without LoRA: ``sd`` unchanged."""
+    (``sd``: the full state dict of ``lm``, CPU; it is consumed: the merge updates its tensors in place).
+    Without LoRA: ``sd`` unchanged."""
     cfg = getattr(lm, "lora_config", None)
     if cfg is None:
         return sd
@@ -148,7 +149,8 @@ def merged_hf_state(sd: dict[str, torch.Tensor], lm: nn.Module, adapter_dir: str
     with torch.device("meta"):
         hf = ChameleonForConditionalGeneration(lm.config)
     del hf.model.vqmodel  # not trained, not in the adapter; the merged export gets it back in save_hf
-    hf.load_state_dict({hf_name(k): v.clone() for k, v in sd.items() if ".lora_" not in k}, strict=True, assign=True)
+    # assign, not copy: a 7B model is not held twice; merge_and_unload then adds B@A into these tensors
+    hf.load_state_dict({hf_name(k): v for k, v in sd.items() if ".lora_" not in k}, strict=True, assign=True)
     mods = extra_trained_modules(lm)
     pcfg = lora_config(cfg.r, cfg.lora_alpha, cfg.lora_dropout, [], modules_to_save=mods or None)
     pcfg.target_modules = cfg.target_modules
