@@ -23,14 +23,16 @@ What this module owns:
    row-level parameter (``image_head``) keeps ``requires_grad=True`` and a row mask: ``mask_frozen_rows``
    (called after backward, before clipping) sets the gradient of its frozen rows to exactly 0, on the
    local shard of each rank (the mask is sharded like the parameter, through ``distribute_tensor``).
-   AdamW with a zero gradient keeps zero moments and adds exactly 0, but its decoupled weight decay would
-   still shrink the frozen rows; such parameters therefore sit in a weight-decay-0 group and an optimizer
-   pre-step hook applies ``p *= 1 - lr * wd`` to their trainable rows only (the same multiplication AdamW
-   does). Frozen rows stay bitwise unchanged (tests/test_trainable.py checks it on 1 and 2 ranks).
+   AdamW with a zero gradient since the first step keeps zero moments for those rows and adds exactly 0
+   to them, but its decoupled weight decay would still shrink them; such parameters therefore sit in a
+   weight-decay-0 group and an optimizer pre-step hook applies ``p *= 1 - lr * wd`` to their trainable
+   rows only (the same multiplication AdamW does). Frozen rows stay bitwise unchanged
+   (tests/test_trainable.py checks it on 1 and 2 ranks).
 
 3. ``--only_save_trainable`` (Lumina's flag): checkpoints hold the trainable tensors (whole tensors for
-   row-level ones) and their optimizer state only. ``trainer_state.json`` then records ``"base_model"``:
-   ``{"path": the --init_from dir, "fingerprint": base_fingerprint(dir)}``. Resume and model/export_hf.py
+   row-level ones) and their optimizer state only (when nothing is frozen, simply everything), and
+   ``trainer_state.json`` records ``"base_model": {"path": the --init_from dir, "fingerprint":
+   base_fingerprint(dir)}``. Resume and model/export_hf.py
    load the base weights from --init_from first and the checkpoint on top, and refuse (CheckpointError)
    when the base is missing or its fingerprint differs. The fingerprint is a sha256 over the config, and
    per weight file its name, size, header and 64 evenly spaced 64-KiB samples of its bytes: it reads a
