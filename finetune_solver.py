@@ -45,10 +45,13 @@ from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm,
 from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
 from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, save_lumina
+from model.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
 from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
                            setup_logging, teardown_logging)
 from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
+from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
+                             check_base_model, mask_frozen_rows, saved_model_keys, shard_row_masks)
 
 logger = logging.getLogger("finetune_solver")
 
@@ -109,8 +112,9 @@ class TrainArgs:
     output_dir: str = _f("./output_dir", "where checkpoints, logs and metrics.jsonl go")
     save_interval: int = _f(1, "save epoch{E}/ every this many epochs (and after the last)")
     save_iteration_interval: int = _f(5000, "save epoch{E}-iter{I}/ every this many optimizer steps (0: never)")
-    only_save_trainable: bool = _f(False, "accepted for Lumina compatibility: every parameter is trained, so "
-                                          "checkpoints always hold all", neg="--no_only_save_trainable")
+    only_save_trainable: bool = _f(False, "checkpoints hold only the trainable tensors and their optimizer state; "
+                                          "resume and export take the rest from --init_from (checked by "
+                                          "fingerprint)", neg="--no_only_save_trainable")
     ckpt_max_keep: int = _f(2, "keep this many newest checkpoints (<= 0: all)")
     auto_resume: bool = _f(True, "resume from the newest complete checkpoint in --output_dir", neg="--no_auto_resume")
     resume_path: str | None = _f(None, "resume from this checkpoint directory (wins over --auto_resume)")
@@ -120,6 +124,13 @@ class TrainArgs:
     export_layout: str = _f("hf", "layouts of the epoch exports: hf (epoch{E}/hf/, transformers), lumina "
                                   "(epoch{E}/lumina/, Lumina-mGPT's own tools), or both", choices=["hf", "lumina", "both"])
     log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
+    # trainable subsets and LoRA (model/trainable.py, model/lora.py)
+    trainable: str | None = _f(None, TRAINABLE_HELP)
+    lora_rank: int = _f(0, "LoRA rank through peft (0: no LoRA; needs pip install -e .[lora]); the base weights freeze")
+    lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated linear layers of each decoder layer that "
+                                                           "get LoRA: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
@@ -193,6 +204,9 @@ def validate_args(a: TrainArgs) -> list[str]:
         bad.append(f"--init_from {a.init_from}: no such directory")
     if a.export_layout != "hf" and not a.export_hf:
         bad.append(f"--export_layout {a.export_layout} asks for epoch exports, which --no_export_hf turns off")
+    if a.trainable is not None and not [e for e in a.trainable.split(",") if e.strip()]:
+        bad.append(f"--trainable {a.trainable!r}: give presets or globs, e.g. image_head or 'model.layers.*.mlp.*'")
+    bad += lora_flag_problems(a)
     return bad
 
 
@@ -249,7 +263,7 @@ def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
     full: object = {}
     if rank == 0:
         try:
-            full = read_hf_weights(Path(model_dir), lm.config)
+            full = hf_to_model_state(lm, read_hf_weights(Path(model_dir), lm.config))  # LoRA: wrapped names
             want = set(lm.state_dict().keys())
             missing = sorted(want - set(full))
             if missing:
@@ -319,6 +333,7 @@ def train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro_batches:
         real_tokens += int(b["n_real_tokens"])
         bsz, seqlen = input_ids.shape
         flops += bsz * seqlen * flops_per_token(n_params_no_embed, cfg.num_hidden_layers, cfg.hidden_size, seqlen)
+    mask_frozen_rows(lm)  # --trainable image_head: frozen rows get exactly zero gradient
     max_norm = a.clip_grad if a.clip_grad > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), max_norm=max_norm, foreach=True)
     if hasattr(grad_norm, "full_tensor"):
@@ -356,8 +371,6 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         logger.warning("--precision fp16 runs without loss scaling (as Lumina); bf16 is the safe choice")
     if a.cache_ann_on_disk:
         logger.info("--cache_ann_on_disk: our record index is always memory-mapped; nothing to do")
-    if a.only_save_trainable:
-        logger.info("--only_save_trainable: every parameter is trainable, checkpoints hold all of them")
     init_model_parallel(a.model_parallel_size)
     seed_everything(a.seed + rank)
     global_batch = a.batch_size * a.accum_iter * world
@@ -394,14 +407,19 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     logger.info("model from %s: %.2fM parameters (%.2fM without embeddings), vocab %d, %d layers, hidden %d",
                 model_dir, n_params / 1e6, n_params_no_embed / 1e6, config.vocab_size, config.num_hidden_layers,
                 config.hidden_size)
+    apply_lora(lm, a)  # --lora_rank: peft adapters, base weights frozen
+    n_trainable = apply_trainable(lm, a.trainable, lora=a.lora_rank > 0)["trainable_params"]
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     parallelize(lm, mesh, data_parallel=a.data_parallel, precision=a.precision, grad_precision=a.grad_precision,
                 checkpointing=a.checkpointing)
     lm.to_empty(device=device)
     lm.reset_nonpersistent_buffers(device)
-    if resume is None:
+    shard_row_masks(lm)
+    partial = resume is not None and check_base_model(ckpt.read_train_state(resume), model_dir, resume)
+    if resume is None or partial:  # a --only_save_trainable checkpoint goes on top of its base weights
         _load_initial_weights(lm, model_dir, rank)
-    optimizer = build_optimizer(lm, lr=a.lr, weight_decay=a.wd, decay_norm_and_bias=a.decay_norm_and_bias)
+    optimizer = attach_to_optimizer(build_optimizer(lm, lr=a.lr, weight_decay=a.wd,
+                                                    decay_norm_and_bias=a.decay_norm_and_bias), lm)
 
     # data
     if rank == 0:
@@ -419,7 +437,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     # resume state
     start_epoch, global_step, pending_rng = 0, 0, None
     if resume is not None:
-        st = ckpt.load_checkpoint(resume, model=lm, optimizer=optimizer)
+        st = ckpt.load_checkpoint(resume, model=lm, optimizer=optimizer, model_keys=saved_model_keys(lm, partial))
         if st["global_batch_size"] != global_batch:
             logger.warning("the global batch changed from %d to %d since the checkpoint: the rest of the epoch is "
                            "re-batched (nothing replayed or skipped), but losses differ from the original run",
@@ -436,11 +454,13 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     def save(name: str, epoch: int, it: int, epoch_done: bool) -> Path:
         state = {"epoch": epoch, "iter": it, "global_step": global_step, "epoch_done": epoch_done,
                  "sampler": data.sampler.state_dict(), "world_size": world, "global_batch_size": global_batch,
-                 "steps_per_epoch": data.sampler.steps_per_epoch}
+                 "steps_per_epoch": data.sampler.steps_per_epoch, **base_record}
         export = None
         if epoch_done and a.export_hf:
             def export(path: Path) -> None:
                 full = ckpt.gather_full_model_state(lm)
+                if rank == 0:
+                    full = merged_hf_state(full, lm, path / "adapter", base=model_dir)  # LoRA: adapter + merged
                 if rank == 0 and a.export_layout in ("hf", "both"):
                     vq = _read_vq(model_dir, config)
                     ckpt.save_hf(full, config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
@@ -448,7 +468,11 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                     save_lumina(full, config, path.parent / "lumina", dtype=DTYPES[a.precision], flags=vars(a))
         return ckpt.save_checkpoint(out, name, model=lm, optimizer=optimizer, train_state=state,
                                     args=dataclasses.asdict(a), hf_config=json.loads(config.to_json_string()),
-                                    max_keep=a.ckpt_max_keep, export=export)
+                                    max_keep=a.ckpt_max_keep, export=export,
+                                    model_keys=saved_model_keys(lm, a.only_save_trainable))
+
+    partial_saves = saved_model_keys(lm, a.only_save_trainable) is not None  # else it holds every tensor anyway
+    base_record = base_model_record(model_dir, partial_saves) if rank == 0 else {}
 
     metrics = MetricsWriter(out, enabled=rank == 0)
     lm.train()
@@ -497,7 +521,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                            "closs": m["closs"], "z_loss": m["z_loss"], "grad_norm": m["grad_norm"], "time": dt,
                            "data_time": t_data, "tokens_per_sec": m["real_tokens"] / dt / world,
                            "tflops": m["flops"] / dt / world / 1e12, "memory": peak_memory_mb(device),
-                           "tokens": m["tokens"]}
+                           "tokens": m["tokens"], "trainable_params": n_trainable}
                     metrics.write(row)
                     logger.info(format_console(row, total_steps))
                 epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
@@ -548,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(a, rank, world, device)
     except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
-            RecordFormatError) as e:
+            RecordFormatError, TrainableError, LoraError) as e:
         logger.error("%s", e)
         code = 1
     finally:

@@ -32,11 +32,20 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def initial_weights(cfg, rank: int) -> dict:
+    """transformers' seeded init of the model (no VQ model) on rank 0, {} elsewhere (for broadcast_from_rank0)."""
+    from transformers import ChameleonForConditionalGeneration
+
+    if rank != 0:
+        return {}
+    torch.manual_seed(0)
+    return {k: v for k, v in ChameleonForConditionalGeneration(cfg).state_dict().items() if ".vqmodel." not in k}
+
+
 def worker(a) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import ChameleonForConditionalGeneration
 
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
@@ -48,12 +57,7 @@ def worker(a) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config(a.vocab, a.hidden, a.layers, a.heads)
-    full = {}
-    if rank == 0:
-        torch.manual_seed(0)
-        ref = ChameleonForConditionalGeneration(cfg)
-        full = {k: v for k, v in ref.state_dict().items() if ".vqmodel." not in k}
-        del ref
+    full = initial_weights(cfg, rank)
     lm = build_chameleon_lm(cfg, device="meta")
     parallelize(lm, init_device_mesh("cpu", (world,)), data_parallel=a.data_parallel, precision="fp32")
     lm.to_empty(device="cpu")
@@ -78,22 +82,27 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
-def run_world(world: int, a) -> list[dict]:
+def spawn_ranks(world: int, argv: list[str], timeout: float = 600) -> list[str]:
+    """Runs ``argv`` as ``world`` gloo ranks (torchrun's environment, one thread each); their stdouts."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers",
-            str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(world)]
-    rows = []
+    outs = []
     for p in procs:
-        out, _ = p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=timeout)
         if p.returncode:
             raise SystemExit(f"rank failed with code {p.returncode}")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    return rows
+        outs.append(out)
+    return outs
+
+
+def run_world(world: int, a) -> list[dict]:
+    argv = [sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers",
+            str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel]
+    return [json.loads(out.strip().splitlines()[-1]) for out in spawn_ranks(world, argv)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,13 +10,15 @@ Layout (format ``lumina-stack-train-ckpt`` version 1), one directory per checkpo
                                      (torch.save of plain tensors/ints, read with weights_only=True)
         trainer_state.json           {"format", "version", "epoch", "iter", "global_step", "epoch_done",
                                       "sampler": {"epoch", "step"}, "world_size", "global_batch_size",
-                                      "steps_per_epoch"}
+                                      "steps_per_epoch"}; with --only_save_trainable also
+                                     "base_model": {"path", "fingerprint"} (model/trainable.py)
         args.json                    the trainer's flags
         config.json                  the model's transformers config
         hf/                          (epoch ends, unless --no_export_hf) ChameleonForConditionalGeneration
                                      save_pretrained output, safetensors
         lumina/                      (epoch ends, with --export_layout lumina|both) Lumina-mGPT's layout
                                      (model/lumina_layout.py)
+        hf/adapter/                  (LoRA runs) the peft adapter: adapter_model.safetensors, adapter_config.json
         COMPLETE                     written last
 
 Atomicity: everything is written into ``{output_dir}/.tmp-{name}/``; after all ranks are done (barrier),
@@ -327,8 +329,10 @@ def _barrier() -> None:
 
 
 def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, train_state: dict, args: dict,
-                    hf_config: dict, max_keep: int, export: Callable[[Path], None] | None = None) -> Path:
-    """Writes checkpoint ``name`` atomically (collective: every rank calls it). Returns its final path."""
+                    hf_config: dict, max_keep: int, export: Callable[[Path], None] | None = None,
+                    model_keys: set[str] | None = None) -> Path:
+    """Writes checkpoint ``name`` atomically (collective: every rank calls it). Returns its final path.
+    ``model_keys``: save only these model tensors (--only_save_trainable; see model/trainable.py)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(output_dir)
     final, tmp = out / name, out / f"{TMP_PREFIX}{name}"
@@ -339,6 +343,8 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
+    if model_keys is not None:
+        msd = {k: v for k, v in msd.items() if k in model_keys}
     dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     rng_path = tmp / "rng" / f"rank{rank:05d}.pt"
     torch.save(capture_rng(), rng_path)
@@ -385,13 +391,17 @@ def read_train_state(ckpt: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(ckpt: str | Path, *, model, optimizer) -> dict:
-    """Loads model and optimizer state (any world size; collective) and returns the trainer state."""
+def load_checkpoint(ckpt: str | Path, *, model, optimizer, model_keys: set[str] | None = None) -> dict:
+    """Loads model and optimizer state (any world size; collective) and returns the trainer state.
+    ``model_keys``: the checkpoint holds only these model tensors; the others keep their values."""
     state = read_train_state(ckpt)
     msd, osd = get_state_dict(model, optimizer)
+    if model_keys is not None:
+        msd = {k: v for k, v in msd.items() if k in model_keys}
     sd = {"model": msd, "optim": osd}
     load_dcp_state(sd, ckpt)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=StateDictOptions(strict=model_keys is None))
     logger.info("loaded checkpoint %s (epoch %d, iter %d, global step %d)", ckpt, state["epoch"],
                 state["iter"], state["global_step"])
     return state

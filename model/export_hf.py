@@ -12,6 +12,9 @@ Epoch checkpoints already hold this export in ``epoch{E}/hf/`` unless the run ha
 ``--layout lumina`` writes Lumina-mGPT's layout instead (its ChameleonXLLMXForConditionalGeneration
 opens it; q/k norms [model_parallel_size, head_dim], sharded safetensors with an index, no VQ model):
 see model/lumina_layout.py.
+A LoRA run exports the merged model into ``--out`` and the peft adapter into ``--out/adapter/`` (see
+model/lora.py); a ``--only_save_trainable`` checkpoint is combined with its base (``--base``, default the
+run's --init_from; refused if it is another model, see model/trainable.py).
 """
 
 from __future__ import annotations
@@ -27,37 +30,51 @@ import torch
 from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_hf_weights
 from model.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
 from model.lumina_layout import LuminaLayoutError, save_lumina
+from model.lora import LoraError, apply_lora, merged_hf_state
+from model.trainable import apply_trainable, check_base_model, load_base_weights, saved_model_keys
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_lm_from_checkpoint(ckpt: str | Path) -> ChameleonLM:
-    """The checkpoint's model as one unsharded ChameleonLM on the CPU (fp32), in eval mode."""
+def load_lm_from_checkpoint(ckpt: str | Path, base: str | Path | None = None) -> ChameleonLM:
+    """The checkpoint's model as one unsharded ChameleonLM on the CPU (fp32), in eval mode. A LoRA run's model
+    keeps its peft adapters; a --only_save_trainable checkpoint is put on top of ``base`` (default: the run's
+    --init_from), refused if that is not the model it was trained from."""
     ckpt = Path(ckpt)
-    read_train_state(ckpt)  # complete, right format
+    state = read_train_state(ckpt)  # complete, right format
     config = config_from_dict(json.loads((ckpt / "config.json").read_text()), where=str(ckpt / "config.json"))
+    args = json.loads((ckpt / "args.json").read_text())
     lm = build_chameleon_lm(config, device="meta")
+    apply_trainable(lm, args.get("trainable"), lora=apply_lora(lm, args))  # the run's LoRA wrapping and trainables
     lm.to_empty(device="cpu")
     lm.reset_nonpersistent_buffers("cpu")
+    base = base or args.get("init_from") or (Path(args.get("output_dir", ".")) / "starting_point")
+    keys = None
+    if check_base_model(state, base, ckpt):  # frozen tensors from the base, the checkpoint's trainables on top
+        keys = saved_model_keys(load_base_weights(lm, base), True)
     sd = lm.state_dict()
     with warnings.catch_warnings():  # "no process group: assuming a single process" is exactly the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_dcp_state({"model": sd}, ckpt)  # every rank's shards into full tensors; no code run
+        # every rank's shards into full tensors; no code run
+        load_dcp_state({"model": {k: v for k, v in sd.items() if keys is None or k in keys}}, ckpt)
     lm.load_state_dict(sd)
     return lm.eval()
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
-                      vq_from: str | Path | None = None, layout: str = "hf") -> Path:
+                      vq_from: str | Path | None = None, base: str | Path | None = None,
+                      layout: str = "hf") -> Path:
     ckpt = Path(ckpt)
-    lm = load_lm_from_checkpoint(ckpt)
+    lm = load_lm_from_checkpoint(ckpt, base)
     args = json.loads((ckpt / "args.json").read_text())
     if dtype is None:
         dtype = "bf16" if args.get("precision") == "bf16" else "fp16" if args.get("precision") == "fp16" else "fp32"
+    sd = {k: v.detach() for k, v in lm.state_dict().items()}
+    sd = merged_hf_state(sd, lm, Path(out) / "adapter", base=base or args.get("init_from"))  # LoRA: adapter + merged
     if layout == "lumina":
-        return save_lumina(lm.state_dict(), lm.config, out, dtype=DTYPES[dtype], flags=args)
+        return save_lumina(sd, lm.config, out, dtype=DTYPES[dtype], flags=args)  # Lumina's releases hold no VQ model
     vq = None
     src = vq_from or args.get("init_from") or (Path(args.get("output_dir", ".")) / "starting_point")
     try:
@@ -65,7 +82,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
         vq = {k: v for k, v in full.items() if ".vqmodel." in k} or None
     except (ModelLoadError, OSError) as e:
         logger.warning("no VQ-model weights from %s (%s)", src, e)
-    sd = {k: v.detach() for k, v in lm.state_dict().items()}
     return save_hf(sd, lm.config, out, dtype=DTYPES[dtype], vq_state_dict=vq)
 
 
@@ -79,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="HF dir to take the VQ model from (default: the run's --init_from)")
     p.add_argument("--layout", choices=["hf", "lumina"], default="hf",
                    help="hf: transformers' layout (default); lumina: Lumina-mGPT's (its own tools open it)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base model of a --only_save_trainable checkpoint (default: the run's --init_from; "
+                        "refused unless it is the model the run started from)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        out = export_checkpoint(a.ckpt, a.out, dtype=a.dtype, vq_from=a.vq_from, layout=a.layout)
-    except (CheckpointError, ModelLoadError, LuminaLayoutError) as e:
+        out = export_checkpoint(a.ckpt, a.out, dtype=a.dtype, vq_from=a.vq_from, base=a.base, layout=a.layout)
+    except (CheckpointError, ModelLoadError, LuminaLayoutError, LoraError) as e:
         logger.error("%s", e)
         return 1
     logger.info("wrote %s", out)

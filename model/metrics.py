@@ -17,6 +17,7 @@ so a step may appear twice and the last line wins):
     memory          MB: peak CUDA memory allocated during the step, or on CPU the process's peak
                     resident set size so far (VmHWM)
     tokens          labelled tokens in the global batch (the loss denominator)
+    trainable_params  parameters that train (--trainable / --lora_rank; rows count for row-level presets)
 """
 
 from __future__ import annotations
