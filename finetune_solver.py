@@ -48,6 +48,7 @@ from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_
                            setup_logging, teardown_logging)
 from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
+from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
 
 logger = logging.getLogger("finetune_solver")
 
@@ -236,7 +237,8 @@ def _resolve_model_dir(a: TrainArgs, rank: int) -> tuple[str, dict]:
 
 
 def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
-    """rank 0 reads the HF weights; FSDP's set_model_state_dict broadcasts and shards them."""
+    """rank 0 reads the HF weights; FSDP's set_model_state_dict broadcasts and shards them (.bin checkpoints;
+    safetensors load by slices on every rank, model/sharded_load.py)."""
     full: object = {}
     if rank == 0:
         try:
@@ -387,8 +389,11 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                 checkpointing=a.checkpointing)
     lm.to_empty(device=device)
     lm.reset_nonpersistent_buffers(device)
-    if resume is None:
-        _load_initial_weights(lm, model_dir, rank)
+    if resume is None:  # safetensors: each rank reads only its own slices; .bin: rank 0 reads and broadcasts
+        if sharded_loading_applies(model_dir):
+            load_sharded_safetensors(lm, model_dir)
+        else:
+            _load_initial_weights(lm, model_dir, rank)
     optimizer = build_optimizer(lm, lr=a.lr, weight_decay=a.wd, decay_norm_and_bias=a.decay_norm_and_bias)
 
     # data

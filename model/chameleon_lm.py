@@ -403,12 +403,18 @@ def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = Fa
                                      f"it would need more than tensors, or it is damaged): "
                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             out.update({k: v for k, v in sd.items() if with_vq or ".vqmodel." not in k})
+    return to_model_layout(out, config)
+
+
+def to_model_layout(tensors: dict[str, torch.Tensor], config: ChameleonConfig) -> dict[str, torch.Tensor]:
+    """Converts (in place, and returns) checkpoint tensors to the shapes of the model's parameters: Lumina's
+    [model_parallel, head_dim] q/k norms (see read_hf_weights). Works on meta tensors (shape checks)."""
     heads = {"q_norm": config.num_attention_heads, "k_norm": config.num_key_value_heads or config.num_attention_heads}
-    for k, v in list(out.items()):
+    for k, v in list(tensors.items()):
         for name, n_heads in heads.items():
             if f"self_attn.{name}." in k and v.dim() == 2 and v.shape[0] != n_heads and n_heads % v.shape[0] == 0:
-                out[k] = v.repeat_interleave(n_heads // v.shape[0], dim=0)
-    return out
+                tensors[k] = v.repeat_interleave(n_heads // v.shape[0], dim=0)
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------
