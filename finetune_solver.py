@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -397,7 +398,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     optimizer = build_optimizer(lm, lr=a.lr, weight_decay=a.wd, decay_norm_and_bias=a.decay_norm_and_bias)
 
     # data
-    if rank == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per machine; a file lock dedups shared FSs
         build_indexes(a.data_config)
     dist.barrier()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
