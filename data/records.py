@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import operator
 import os
 import shutil
 import struct
@@ -202,7 +203,7 @@ class ShardReader:
 # ----------------------------------------------------------------------------------- record files
 
 
-JSON_CHUNK_BYTES = 8 << 20  # record.json is parsed this many bytes at a time (~100k records, ~50 MB of objects)
+JSON_CHUNK_BYTES = 4 << 20  # record.json is parsed this many characters at a time (~50k records)
 MAX_ELEMENT_BYTES = 1 << 20  # an element that does not parse within this much text is malformed
 INDEX_CHUNK = 100_000  # records per chunk of the index columns
 MAX_NAMES_IN_DICT = 1 << 16  # distinct file names deduplicated by a dict; beyond, by 64-bit hashes (see _FileColumn)
@@ -324,16 +325,18 @@ def _record_chunks(record_path: Path, records: Iterable[Record] | None) -> Itera
     if records is None and record_path.suffix != ".jsonl":
         i = 0
         for items in iter_json_array(record_path):
-            try:  # fast path: plain integers (numpy infers int64 only for them), exact as Record.from_dict
-                ids = np.array([d["id"] for d in items])
-                lens = np.array([d["len"] for d in items])
-                offs = [d.get("offset") for d in items]
-                offsets = (np.full(len(items), -1, dtype=np.int64) if offs.count(None) == len(offs)
-                           else np.array(offs))
-                names = [str(d["file"]) for d in items]
-                if not all(a.dtype.kind == "i" for a in (ids, lens, offsets)) or int(lens.max()) >= 2**31:
-                    raise TypeError("not all plain integers")
-                cols = (ids.astype(np.int64), names, offsets.astype(np.int64), lens.astype(np.int32))
+            try:  # fast path (C-level loops): numpy infers an integer dtype only from plain ints (and bools,
+                # which int() takes alike); anything else gets the exact per-record checks and messages
+                ids, lens, offs = (np.array(list(map(get, items))) for get in _GETTERS)
+                names = list(map(_GET_FILE, items))
+                if (not all(c.dtype.kind == "i" and c.ndim == 1 for c in (ids, lens)) or offs.dtype.kind not in "iO"
+                        or set(map(type, names)) != {str} or not -2**31 <= lens.min() <= lens.max() < 2**31):
+                    raise TypeError("not all plain integers and strings")
+                if offs.dtype.kind == "O":  # Lumina's records: no offset at all; else the exact checks
+                    if any(o is not None for o in offs):
+                        raise TypeError("offsets mix integers and null")
+                    offs = np.full(len(items), -1, dtype=np.int64)
+                cols = (ids.astype(np.int64), names, offs.astype(np.int64), lens.astype(np.int32))
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # exact checks and messages
                 cols = _columns([Record.from_dict(d, f"{record_path}[{i + k}]") for k, d in enumerate(items)])
             i += len(items)
@@ -345,6 +348,10 @@ def _record_chunks(record_path: Path, records: Iterable[Record] | None) -> Itera
         if not chunk:
             return
         yield _columns(chunk)
+
+
+_GETTERS = (operator.itemgetter("id"), operator.itemgetter("len"), operator.methodcaller("get", "offset"))
+_GET_FILE = operator.itemgetter("file")
 
 
 def _columns(recs: list[Record]) -> tuple:
@@ -412,9 +419,13 @@ class _FileColumn:
         self._write(names)
 
     def _write(self, names: list[str]) -> None:
-        enc = [n.encode("utf-8") for n in names]
-        self._bytes.write(b"".join(enc))
-        self._lens.append(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)))
+        joined = "".join(names).encode("utf-8")
+        lens = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
+        if len(joined) != int(lens.sum()):  # multi-byte characters: byte lengths one by one
+            enc = [n.encode("utf-8") for n in names]
+            lens = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+        self._bytes.write(joined)
+        self._lens.append(lens)
         self._hashes.append(np.fromiter(map(hash, names), dtype=np.int64, count=len(names)))
         self.n += len(names)
 
@@ -485,24 +496,26 @@ class _FileColumn:
 
     def _write_files_npy(self, out_dir: Path, lens, first) -> None:
         """files.npy (fixed-width UTF-8, as np.array(names, dtype=S{width}) writes it) from the scratch names:
-        every record's name, or those at ``first``."""
-        width = int(lens.max()) if first is None else int(np.asarray(lens)[first].max())
-        col = _NpyColumn(out_dir / "files.npy", f"S{max(width, 1)}")
+        every record's name, or those at ``first``; vectorised, INDEX_CHUNK names at a time."""
+        lens = np.asarray(lens)
         keep = None
         if first is not None:
             keep = np.zeros(len(lens), dtype=bool)
             keep[first] = True
-        buf: list[bytes] = []
+        width = max(int(lens.max() if keep is None else lens[keep].max()), 1)
+        col = _NpyColumn(out_dir / "files.npy", f"S{width}")
+        step = 1 << 14  # names per block: the index arrays below are 8 bytes per name byte
         with open(self.scratch / "names.bin", "rb") as f:
-            for k, ln in enumerate(lens):
-                b = f.read(int(ln))
-                if keep is None or keep[k]:
-                    buf.append(b)
-                if len(buf) >= INDEX_CHUNK:
-                    col.append(np.array(buf, dtype=col.dtype))
-                    buf = []
-        if buf:
-            col.append(np.array(buf, dtype=col.dtype))
+            for lo in range(0, len(lens), step):
+                ln = lens[lo:lo + step]
+                data = np.frombuffer(f.read(int(ln.sum())), dtype=np.uint8)
+                rows = np.zeros((len(ln), width), dtype=np.uint8)  # NUL padding, as numpy's S dtype pads
+                # byte b of name r goes to r * width + (b - start of r)
+                shift = np.arange(len(ln), dtype=np.int64) * width - (np.cumsum(ln) - ln)
+                rows.reshape(-1)[np.arange(len(data), dtype=np.int64) + np.repeat(shift, ln)] = data
+                if keep is not None:
+                    rows = rows[keep[lo:lo + step]]
+                col.append(rows.view(f"S{width}").reshape(-1))
         col.close()
 
 
