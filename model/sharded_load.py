@@ -90,10 +90,11 @@ def sharded_loading_applies(model_dir: str | Path) -> bool:
     files = _from_rank0(files)
     if not files:
         return False
-    seen = torch.tensor([int(all(Path(f).is_file() for f in files))])
-    if _world()[1] > 1:
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    if not seen.item():
+    seen = [all(Path(f).is_file() for f in files)]
+    if _world()[1] > 1:  # an object collective: works on gloo and on nccl alike
+        seen = [None] * _world()[1]
+        dist.all_gather_object(seen, all(Path(f).is_file() for f in files))
+    if not all(seen):
         logger.warning("%s: not every rank sees the weight files; rank 0 reads them and broadcasts", model_dir)
         return False
     return True
