@@ -398,7 +398,9 @@ class _FileColumn:
     take ~1.5 GB, so past MAX_NAMES_IN_DICT the names go to a scratch file with their 64-bit hashes and are
     numbered at the end: all hashes distinct (the usual case, sorted in place) means all names distinct;
     otherwise np.unique groups equal hashes and each grouped name is compared with its group's first, so
-    a hash collision can never merge two names (it is numbered with the exact dict instead).
+    a hash collision can never merge two names (it is numbered with the exact dict instead). The hashes are
+    Python's own ``hash(str)``, used only inside one build. Memory at the end: ~9 bytes per record in the
+    usual case; ~40 bytes per record when many names repeat (np.unique's index arrays).
     """
 
     def __init__(self, scratch: Path):
@@ -458,7 +460,10 @@ class _FileColumn:
         del hashes
         if distinct:
             first = None  # record k names file k
-            np.save(out_dir / "file.npy", np.arange(n, dtype=np.int32), allow_pickle=False)
+            col = _NpyColumn(out_dir / "file.npy", np.int32)
+            for lo in range(0, n, INDEX_CHUNK):
+                col.append(np.arange(lo, min(n, lo + INDEX_CHUNK), dtype=np.int32))
+            col.close()
         else:
             first, idx = self._number_with_duplicates(lens)
             if idx is None:  # two different names share a 64-bit hash (never seen): number them with a dict
