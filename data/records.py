@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import operator
@@ -327,15 +328,17 @@ def _record_chunks(record_path: Path, records: Iterable[Record] | None) -> Itera
         for items in iter_json_array(record_path):
             try:  # fast path (C-level loops): numpy infers an integer dtype only from plain ints (and bools,
                 # which int() takes alike); anything else gets the exact per-record checks and messages
-                ids, lens, offs = (np.array(list(map(get, items))) for get in _GETTERS)
-                names = list(map(_GET_FILE, items))
-                if (not all(c.dtype.kind == "i" and c.ndim == 1 for c in (ids, lens)) or offs.dtype.kind not in "iO"
+                ids, lens, names = (list(map(get, items)) for get in _GETTERS)
+                ids, lens = np.array(ids), np.array(lens)
+                try:
+                    offs = np.array(list(map(_GET_OFFSET, items)))
+                except KeyError:  # Lumina's records have no offset at all (mixed: the exact checks)
+                    if any(map(operator.contains, items, itertools.repeat("offset"))):
+                        raise TypeError("some records have an offset, some not") from None
+                    offs = np.full(len(items), -1, dtype=np.int64)
+                if (not all(c.dtype.kind == "i" and c.ndim == 1 for c in (ids, lens, offs))
                         or set(map(type, names)) != {str} or not -2**31 <= lens.min() <= lens.max() < 2**31):
                     raise TypeError("not all plain integers and strings")
-                if offs.dtype.kind == "O":  # Lumina's records: no offset at all; else the exact checks
-                    if any(o is not None for o in offs):
-                        raise TypeError("offsets mix integers and null")
-                    offs = np.full(len(items), -1, dtype=np.int64)
                 cols = (ids.astype(np.int64), names, offs.astype(np.int64), lens.astype(np.int32))
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # exact checks and messages
                 cols = _columns([Record.from_dict(d, f"{record_path}[{i + k}]") for k, d in enumerate(items)])
@@ -350,8 +353,8 @@ def _record_chunks(record_path: Path, records: Iterable[Record] | None) -> Itera
         yield _columns(chunk)
 
 
-_GETTERS = (operator.itemgetter("id"), operator.itemgetter("len"), operator.methodcaller("get", "offset"))
-_GET_FILE = operator.itemgetter("file")
+_GETTERS = (operator.itemgetter("id"), operator.itemgetter("len"), operator.itemgetter("file"))
+_GET_OFFSET = operator.itemgetter("offset")
 
 
 def _columns(recs: list[Record]) -> tuple:
@@ -395,7 +398,8 @@ class _FileColumn:
     """Numbers the file names in order of first appearance, exactly as a dict would, in bounded memory.
 
     Few distinct names (token shards): a dict. Many (Lumina's one .pkl per item, 10M names): the dict would
-    take ~1.5 GB, so past MAX_NAMES_IN_DICT the names go to a scratch file with their 64-bit hashes and are
+    take ~1.5 GB, so past MAX_NAMES_IN_DICT names, or once more than MAX_NAMES_IN_META names are all
+    distinct, the names go to a scratch file with their 64-bit hashes and are
     numbered at the end: all hashes distinct (the usual case, sorted in place) means all names distinct;
     otherwise np.unique groups equal hashes and each grouped name is compared with its group's first, so
     a hash collision can never merge two names (it is numbered with the exact dict instead). The hashes are
@@ -413,9 +417,12 @@ class _FileColumn:
     def add(self, names: list[str]) -> None:
         if self.names is not None:
             d = self.names
-            self.idx.append(np.array([d.setdefault(n, len(d)) for n in names], dtype=np.int32))
+            for n in dict.fromkeys(names):  # the chunk's distinct names, in order of first appearance
+                d.setdefault(n, len(d))
+            self.idx.append(np.fromiter(map(d.__getitem__, names), dtype=np.int32, count=len(names)))
             self.n += len(names)
-            if len(d) > MAX_NAMES_IN_DICT:
+            # many names, or every name new so far (Lumina's one .pkl per item): hashes from here on
+            if len(d) > MAX_NAMES_IN_DICT or MAX_NAMES_IN_META < len(d) == self.n:
                 self._spill()
             return
         self._write(names)
