@@ -48,9 +48,9 @@ class _PerTensorReader(HuggingFaceStorageReader):
     """torch's Hugging Face reader, opening the safetensors file once per tensor instead of once per file.
 
     safetensors reads through a memory map, and every page a rank touches stays in its resident memory until
-    the file is closed: per file, that is the rank's part of a whole shard (5 GB files in the 7B and 34B
-    releases; 0.06x the model per rank in bench/bench_sharded_load.py); per tensor, one slice. Opening costs a
-    header parse (~1 ms) per tensor. Reading and copying are the library's own (``_process_read_request``).
+    the file is closed: per file, that is the rank's part of a whole shard file (0.06-0.1x the model per
+    rank in bench/bench_sharded_load.py, 4 files); per tensor, one slice. Opening costs one header parse per
+    tensor. Reading and copying are the library's own (``_process_read_request``).
     """
 
     def read_data(self, plan, planner):

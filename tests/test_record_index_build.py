@@ -163,3 +163,15 @@ def test_a_stale_index_is_replaced(tmp_path):
     assert len(open_index(rec)) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json", "record.json.index",
                                                          "record.json.index.lock"]
+
+
+@pytest.mark.parametrize("fake_hash", [lambda s: 7, len])
+def test_names_sharing_a_hash_are_never_merged(fake_hash, tmp_path, monkeypatch):
+    items = _lumina_records(300) + _lumina_records(300)[::3]  # repeats, so equal hashes must be checked
+    rec = tmp_path / "record.json"
+    rec.write_text(json.dumps(items))
+    want = reference_index(rec)
+    monkeypatch.setattr(records, "MAX_NAMES_IN_DICT", 20)
+    monkeypatch.setattr(records, "hash", fake_hash, raising=False)  # every name (or length) collides
+    build_index(rec)
+    assert {p.name: p.read_bytes() for p in index_dir_for(rec).iterdir()} == want
