@@ -698,7 +698,8 @@ def _build_lock(record_path: Path):
 
 
 def ensure_index(record_path: str | os.PathLike, build_if_missing: bool = True) -> tuple[Path, dict]:
-    """(index dir, meta) of a record file, building the index first if it is missing or stale."""
+    """(index dir, meta) of a record file, building the index first if it is missing or stale (under a file
+    lock: a process that finds another one building waits for it and then uses its index)."""
     record_path = Path(record_path)
     if not record_path.is_file():
         raise FileNotFoundError(f"record file {record_path} does not exist; make one with "
