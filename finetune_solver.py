@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -52,6 +53,7 @@ from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
 from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
                              check_base_model, mask_frozen_rows, saved_model_keys, shard_row_masks)
+from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
 
 logger = logging.getLogger("finetune_solver")
 
@@ -259,7 +261,8 @@ def _resolve_model_dir(a: TrainArgs, rank: int, resume: Path | None) -> tuple[st
 
 
 def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
-    """rank 0 reads the HF weights; FSDP's set_model_state_dict broadcasts and shards them."""
+    """rank 0 reads the HF weights; FSDP's set_model_state_dict broadcasts and shards them (.bin checkpoints;
+    safetensors load by slices on every rank, model/sharded_load.py)."""
     full: object = {}
     if rank == 0:
         try:
@@ -417,12 +420,15 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     shard_row_masks(lm)
     partial = resume is not None and check_base_model(ckpt.read_train_state(resume), model_dir, resume)
     if resume is None or partial:  # a --only_save_trainable checkpoint goes on top of its base weights
-        _load_initial_weights(lm, model_dir, rank)
+        if sharded_loading_applies(model_dir) and not a.lora_rank:  # each rank reads only its own slices
+            load_sharded_safetensors(lm, model_dir)
+        else:  # .bin, or LoRA (wrapped names, adapters to initialise): rank 0 reads and broadcasts
+            _load_initial_weights(lm, model_dir, rank)
     optimizer = attach_to_optimizer(build_optimizer(lm, lr=a.lr, weight_decay=a.wd,
                                                     decay_norm_and_bias=a.decay_norm_and_bias), lm)
 
     # data
-    if rank == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per machine; a file lock dedups shared FSs
         build_indexes(a.data_config)
     dist.barrier()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0

@@ -4,6 +4,8 @@
     python bench/bench_data_open.py --n 10000000        # the 10M case of bench/RESULTS.md (~10 min, ~6 GB for json.load)
     python bench/bench_data_open.py --n 100000 --skip_json
     python bench/bench_data_open.py --n 1000000 --lumina  # Lumina per-item .pkl records (paths only)
+    python bench/bench_data_open.py --n 3000000 --lumina --build --old_build_rev fb9a0ef --rounds 2
+        # first open of Lumina records: the streamed index build vs json.load vs the build at fb9a0ef
 
 Builds (once per N, reused) a record.json JSON array of N records over ``--shards`` token shards, the
 index beside it (data.records.build_index), and sparse shard files of the right size (the open-time
@@ -13,6 +15,10 @@ RSS (ru_maxrss) are those of one rank opening the data:
   * open: ``RecordDataset([DataSource(record.json)], max_seq_len)`` (index + open-time validation),
     then the first epoch's sampler plan (``ResumableBatchSampler.global_batches()``, G = --global_batch);
   * json: ``json.load(record.json)``, what Lumina's trainer does at start.
+With ``--build``, also the first open, when no index exists yet (``--rounds`` interleaved repetitions):
+  * build: ``data.records.build_index(record.json)`` (streamed), into a scratch copy of the index dir;
+  * build_old (with ``--old_build_rev REV``): the same with ``data/records.py`` as of git revision REV
+    (the whole-file build before streaming), imported from ``git show`` into the child.
 """
 
 from __future__ import annotations
@@ -136,9 +142,40 @@ def child_json(rec: Path) -> dict:
             "peak_rss_open_mb": _peak_rss_mb()}
 
 
-def _run_child(kind: str, rec: Path, global_batch: int) -> dict:
+def child_build(rec: Path, old_rev: str | None) -> dict:
+    """Builds the index of a copy-free alias of ``rec`` (a hard link in a scratch dir, so the real index
+    stays) and reports time and peak RSS."""
+    import importlib.util
+    import shutil
+
+    scratch = rec.parent / f"build-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        alias = scratch / rec.name
+        os.link(rec, alias)
+        if old_rev:
+            src = subprocess.run(["git", "show", f"{old_rev}:data/records.py"], check=True, capture_output=True,
+                                 text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+            spec = importlib.util.spec_from_loader("records_old", loader=None)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["records_old"] = mod
+            exec(compile(src, f"{old_rev}:data/records.py", "exec"), mod.__dict__)
+            build_fn = mod.build_index
+        else:
+            from data.records import build_index as build_fn
+        base = _peak_rss_mb()
+        t0 = time.perf_counter()
+        out = build_fn(alias)
+        dt = time.perf_counter() - t0
+        count = json.loads((out / "meta.json").read_text())["count"]
+        return {"items": count, "open_s": dt, "rss_after_imports_mb": base, "peak_rss_open_mb": _peak_rss_mb()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_child(kind: str, rec: Path, global_batch: int, old_rev: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--record", str(rec),
-           "--global_batch", str(global_batch)]
+           "--global_batch", str(global_batch)] + (["--old_build_rev", old_rev] if old_rev else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -153,12 +190,22 @@ def main() -> None:
     p.add_argument("--lumina", action="store_true",
                    help="Lumina per-item .pkl records instead of our shard records (shows their open cost)")
     p.add_argument("--skip_json", action="store_true", help="do not time json.load (it needs ~600 B RSS per record)")
-    p.add_argument("--child", choices=["open", "json"], default=None,
+    p.add_argument("--build", action="store_true",
+                   help="also time the first open: building the index from record.json (streamed)")
+    p.add_argument("--old_build_rev", default=None,
+                   help="with --build: also time the index build of data/records.py at this git revision")
+    p.add_argument("--rounds", type=int, default=1, help="with --build: interleaved repetitions")
+    p.add_argument("--child", choices=["open", "json", "build", "build_old"], default=None,
                    help="internal: run one measurement in this process and print it as JSON")
     p.add_argument("--record", type=Path, default=None, help="internal: the record file for --child")
     args = p.parse_args()
     if args.child:
-        res = child_open(args.record, args.global_batch) if args.child == "open" else child_json(args.record)
+        if args.child == "open":
+            res = child_open(args.record, args.global_batch)
+        elif args.child == "json":
+            res = child_json(args.record)
+        else:
+            res = child_build(args.record, args.old_build_rev if args.child == "build_old" else None)
         print(json.dumps(res))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -166,6 +213,9 @@ def main() -> None:
         rec = build_lumina(args.out_dir / f"lumina-n{args.n}", args.n)
     else:
         rec = build(args.out_dir / f"n{args.n}", args.n, args.shards)
+    if args.build:
+        _compare_builds(rec, args)
+        return
     opened = _run_child("open", rec, args.global_batch)
     print(f"index open  : {opened['items']} items in {opened['open_s']:.3f} s, peak RSS "
           f"{opened['peak_rss_open_mb']:.0f} MB (after imports {opened['rss_after_imports_mb']:.0f} MB); "
@@ -177,6 +227,24 @@ def main() -> None:
               f"(after imports {js['rss_after_imports_mb']:.0f} MB)")
         print(f"ratio       : index open is {js['open_s'] / opened['open_s']:.0f}x faster and uses "
               f"{js['peak_rss_open_mb'] / opened['peak_rss_open_mb']:.1f}x less peak RSS than json.load")
+
+
+def _compare_builds(rec: Path, args) -> None:
+    """Interleaved rounds of: streamed build, json.load, old build (if asked); the best of each and ratios."""
+    kinds = ["build", "json"] + (["build_old"] if args.old_build_rev else [])
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for r in range(args.rounds):
+        for k in kinds:
+            res = _run_child(k, rec, args.global_batch, args.old_build_rev)
+            runs[k].append(res)
+            print(f"round {r}: {k:9s} {res['items']} items in {res['open_s']:.2f} s, peak RSS "
+                  f"{res['peak_rss_open_mb']:.0f} MB (after imports {res['rss_after_imports_mb']:.0f} MB)")
+    best = {k: min(v, key=lambda x: x["open_s"]) for k, v in runs.items()}
+    peak = {k: max(x["peak_rss_open_mb"] for x in v) for k, v in runs.items()}
+    for k in kinds:
+        print(f"{k:9s}: best {best[k]['open_s']:.2f} s, peak RSS {peak[k]:.0f} MB; time / json.load "
+              f"{best[k]['open_s'] / best['json']['open_s']:.2f}x, peak RSS / json.load {peak[k] / peak['json']:.2f}x")
+    print(f"load average after the runs: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ sampler's position from the batches it has actually handed to the caller, so ``s
 between steps is exact. ``pin_memory`` is used only when asked for and CUDA is available. Iterating
 never draws from the global torch RNG (the loader has its own generator).
 
-With several ranks, build missing indexes first on one rank (``build_indexes``) and barrier: ranks
-building the same ``{record}.index/`` at the same time replace each other's directory.
+With several ranks, build missing indexes first on one rank per machine (``build_indexes``) and barrier:
+a file lock makes the builders of machines that share a file system build each index once, and every
+index is installed by an atomic rename (data/records.py), so no rank ever reads a half-written one.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TrainData:
 
 
 def build_indexes(data_config_path: str | os.PathLike) -> None:
-    """Builds every missing or stale ``{record}.index/`` of a data config (call on one rank first)."""
+    """Builds every missing or stale ``{record}.index/`` of a data config (call on one rank per machine)."""
     for src in load_data_config(data_config_path):
         open_index(src.path)
 
