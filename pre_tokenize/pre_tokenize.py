@@ -1,4 +1,4 @@
-"""Pre-tokenizes conversations with images into token shards: one rank of S, exactly once, resumable.
+r"""Pre-tokenizes conversations with images into token shards: one rank of S, exactly once, resumable.
 
     # one process (rank 0 of 1) on a CPU with the tiny bundle:
     python model/make_tiny_bundle.py --out /tmp/tiny_bundle
@@ -47,6 +47,8 @@ from data.pretok_workers import Prepared, classify, prepare_stream
 from data.pretok_writer import OutputConflictError, OutputWriteError, RankWriter, bundle_fingerprint
 
 logger = logging.getLogger("pre_tokenize")
+# Lumina-mGPT's pre_tokenize.py has no --tokenizer_dir: it reads the bundle from here (relative to the cwd).
+LUMINA_TOKENIZER_DIR = Path("./ckpts/chameleon/tokenizer")
 
 
 def _env_int(*names: str) -> int | None:
@@ -67,8 +69,10 @@ class PretokArgs:
     in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
                              "streamed), a LLaVA JSON list, or a directory of webdataset .tar shards")
     out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
-    tokenizer_dir: Path = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
-                               "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`)")
+    tokenizer_dir: Path | None = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
+                                      "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`). "
+                                      f"Default: {LUMINA_TOKENIZER_DIR} (where Lumina-mGPT keeps it) when that "
+                                      "directory exists", None)
     splits: int | None = _arg("number of ranks the input is split into (default: $SLURM_NTASKS, else "
                               "$WORLD_SIZE, else 1)", None)
     rank: int | None = _arg("this process's rank in [0, splits) (default: $SLURM_PROCID, else $RANK, "
@@ -124,6 +128,12 @@ class PretokArgs:
             args.splits = _env_int("SLURM_NTASKS", "WORLD_SIZE") or 1
         if args.rank is None:
             args.rank = _env_int("SLURM_PROCID", "RANK") or 0
+        if args.tokenizer_dir is None:
+            if not LUMINA_TOKENIZER_DIR.is_dir():
+                p.error(f"no --tokenizer_dir given, and Lumina's default {LUMINA_TOKENIZER_DIR} does not exist "
+                        f"(relative to {Path.cwd()}): pass --tokenizer_dir DIR (a Chameleon tokenizer bundle, "
+                        f"or `python model/make_tiny_bundle.py --out DIR`)")
+            args.tokenizer_dir = LUMINA_TOKENIZER_DIR
         checks = [(args.splits >= 1, f"--splits must be >= 1, got {args.splits}"),
                   (0 <= args.rank < args.splits, f"--rank must be in [0, --splits={args.splits}), got {args.rank}"),
                   (args.target_size >= 32 and args.target_size % 32 == 0,
