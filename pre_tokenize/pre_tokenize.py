@@ -11,9 +11,16 @@ r"""Pre-tokenizes conversations with images into token shards: one rank of S, ex
     python pre_tokenize/concat_record.py --sub_record_dir out --save_path out/record.json
     # SLURM: --rank/--splits come from SLURM_PROCID/SLURM_NTASKS (or torchrun's RANK/WORLD_SIZE)
     srun -n 8 --gres=gpu:8 python pre_tokenize/pre_tokenize.py --in_filename data.jsonl --out_dir out ...
+    # video conversations (AuroraCap / LLaVA-video: "video": "clips/a.mp4", <video> markers), 8 frames each:
+    python pre_tokenize/pre_tokenize.py --in_filename videos.jsonl --out_dir out_v --target_size 512 \
+        --video_frames 8 --video_target_size 256
+    # a Megatron-Energon prepared dataset (LLaVA-JP), its train split, whole images padded instead of cropped:
+    python pre_tokenize/pre_tokenize.py --in_filename /data/energon --energon_split train \
+        --out_dir out_e --target_size 512 --image_fit pad
 
 Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
-streamed, LLaVA JSON, or a directory of webdataset tars; see data/input_formats.py) and writes, in
+streamed, LLaVA JSON, a directory of webdataset tars, or an energon-prepared dataset; see
+data/input_formats.py and data/energon_input.py; videos: data/video.py) and writes, in
 ``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
 item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
 ``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
@@ -69,7 +76,9 @@ class PretokArgs:
     """Flags of pre_tokenize.py (each field is one ``--flag``; ``None`` means "work it out")."""
 
     in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
-                             "streamed), a LLaVA JSON list, or a directory of webdataset .tar shards")
+                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, or a "
+                             "Megatron-Energon prepared dataset (a directory with .nv-meta/). Items may have "
+                             "\"video\" (see --video_frames)")
     out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
     tokenizer_dir: Path | None = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
                                       "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`). "
@@ -81,7 +90,8 @@ class PretokArgs:
                             "else 0)", None)
     target_size: int = _arg("image area budget: crops are chosen on a 32-px grid with at most "
                             "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ... (default: %(default)s)", 512)
-    in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory -> wds, .jsonl -> "
+    in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory with .nv-meta/ -> "
+                          f"energon (prepared by `energon prepare`), another directory -> wds, .jsonl -> "
                           f"jsonl, .json -> json (llava when its messages use <image> markers)", "auto",
                           choices=FORMATS)
     image_fit: str = _arg("how an image meets its chosen 32-px grid size: crop (Lumina's: cover it, cut the "
@@ -96,6 +106,8 @@ class PretokArgs:
     video_max_frames: int = _arg("cap on the frames per video with --video_fps (default: %(default)s)", 32)
     video_target_size: int = _arg("area budget of each video frame, like --target_size for images "
                                   "(default: %(default)s)", 256)
+    energon_split: str = _arg("with --in_format energon: the split of .nv-meta/split.yaml to read "
+                              "(default: %(default)s)", "train")
     image_root: Path | None = _arg("directory that relative image paths are resolved against (default: "
                                    "the directory of --in_filename)", None)
     batch_size: int = _arg("most same-size images the VQGAN encodes in one call (default: %(default)s)", 8)
@@ -292,7 +304,7 @@ def run(args: PretokArgs) -> dict:
     from data.item_processor import ItemProcessor
     from model.tokenizer_bundle import ChameleonTokenizer
 
-    source = open_input(args.in_filename, args.in_format)
+    source = open_input(args.in_filename, args.in_format, args.energon_split)
     if args.image_root is not None and not args.image_root.is_dir():
         raise InputFileError(f"--image_root {args.image_root}: not a directory")
     tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)  # checks the bundle
