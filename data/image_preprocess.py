@@ -191,6 +191,22 @@ def _exif_transpose(img: Image.Image, label: str) -> Image.Image:
         return img
 
 
+def check_source(src: str | os.PathLike | bytes, name: str | None, error: type[Exception]) -> str:
+    """The label of a media source for messages (``name``, else the path or ``<N bytes>``); raises
+    ``error`` for a missing path, a path that is not a file, or an empty file or buffer."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        label = name or f"<{len(src)} bytes>"
+        if len(src) == 0:
+            raise error(f"{label}: empty (0 bytes)")
+        return label
+    label, path = name or str(src), Path(src)
+    if not path.is_file():
+        raise error(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
+    if path.stat().st_size == 0:
+        raise error(f"{label}: empty file (0 bytes)")
+    return label
+
+
 def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Reads an image file (path) or encoded image (bytes) fully; EXIF orientation applied; mode L, LA,
     RGB or RGBA. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong.
@@ -198,19 +214,8 @@ def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image
     Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused (PIL itself only warns below twice that). The
     warning filter this uses is process-wide: call it from processes, not from several threads at once.
     """
-    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
-    label = name or (f"<{len(src)} bytes>" if is_bytes else str(src))
-    if is_bytes:
-        if len(src) == 0:
-            raise ImageLoadError(f"{label}: empty (0 bytes)")
-        fp = io.BytesIO(bytes(src))
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise ImageLoadError(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(f"{label}: empty file (0 bytes)")
-        fp = path
+    label = check_source(src, name, ImageLoadError)
+    fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src)
     try:
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
         with warnings.catch_warnings():

@@ -30,10 +30,11 @@ import bisect
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data.image_preprocess import check_source
 
 # An hour and a half at 60 fps, or a day at any rate: beyond, the clip is certainly not a training sample
 # (and demuxing it would take minutes of the worker's time).
@@ -114,17 +115,7 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
                       name: str | None = None) -> tuple[list[Image.Image], list[int]]:
     """The chosen frames of ``src`` (a path or the file's bytes) as RGB images in time order, with their
     frame indices. Raises VideoLoadError naming ``name`` (default: the path) and what is wrong."""
-    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
-    label = name or (f"<{len(src)} bytes>" if is_bytes else str(src))
-    if is_bytes:
-        if len(src) == 0:
-            raise VideoLoadError(f"{label}: empty (0 bytes)")
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise VideoLoadError(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
-        if path.stat().st_size == 0:
-            raise VideoLoadError(f"{label}: empty file (0 bytes)")
+    label = check_source(src, name, VideoLoadError)
     av = _import_av()
 
     # Pass 1: demux only, to count and time the frames.

@@ -108,7 +108,7 @@ class PretokArgs:
                                   "(default: %(default)s)", 256)
     energon_split: str = _arg("with --in_format energon: the split of .nv-meta/split.yaml to read "
                               "(default: %(default)s)", "train")
-    image_root: Path | None = _arg("directory that relative image paths are resolved against (default: "
+    image_root: Path | None = _arg("directory that relative image and video paths are resolved against (default: "
                                    "the directory of --in_filename)", None)
     batch_size: int = _arg("most same-size images the VQGAN encodes in one call (default: %(default)s)", 8)
     num_workers: int = _arg("worker processes that load/preprocess images and encode text (0: do it in "
