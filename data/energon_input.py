@@ -72,7 +72,8 @@ def read_dataset_yaml(path: Path, load_yaml) -> tuple[str, str, dict[str, str]]:
     name = st.get("__class__")
     if name not in SAMPLE_TYPES:
         raise InputFileError(f"{where}: sample type {name!r} is not supported; pre-tokenization reads "
-                             f"{', '.join(SAMPLE_TYPES)}")
+                             f"{', '.join(SAMPLE_TYPES)} (tars whose samples are image + json question + "
+                             f"txt answer can also be read as plain shards: --in_format wds)")
     if "sample_loader" in d or "field_map" not in d:
         raise InputFileError(f"{where}: the dataset uses a sample_loader (Python code) instead of a "
                              f"field_map; pre-tokenization reads field_map datasets only (re-run `energon "
