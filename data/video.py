@@ -20,7 +20,10 @@ video item pre-tokenizes to the same tokens for any ``--batch_size``, ``--num_wo
 Refused with :class:`VideoLoadError` (the item goes to errors.jsonl, reason ``video``): missing or 0-byte
 file, not a container FFmpeg can open, no video stream, frames larger than PIL's
 ``Image.MAX_IMAGE_PIXELS``, more than ``MAX_VIDEO_FRAMES`` frames or ``MAX_VIDEO_SECONDS`` seconds, fewer
-decodable frames than asked. PyAV is imported on first use: it is the ``video`` extra
+decodable frames than asked, truncated (an MP4/MOV cut short does not open; a file holding fewer frames
+than its header counts, or ending more than two frame intervals before the duration it declares, as a
+cut Matroska/WebM does; a raw stream cut short, e.g. MPEG-TS, declares nothing and is read as what is
+left). Decoding runs from the start to the last chosen frame, so its cost grows with the clip's length. PyAV is imported on first use: it is the ``video`` extra
 (``pip install -e .[video]``), needed only when an item has a ``"video"``.
 """
 
