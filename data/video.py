@@ -14,8 +14,11 @@ video item pre-tokenizes to the same tokens for any ``--batch_size``, ``--num_wo
 - ``--video_fps F``: times ``k / F`` (k = 0, 1, ...) up to the last frame's time; when that is more than
   ``--video_max_frames``, that many times spread evenly from the first to the last frame's time instead.
   Each time takes the frame shown then (the last frame starting at or before it); a frame is taken once.
-- Then the clip is decoded from the start and the chosen frames are converted to RGB (``rgb24``). A chosen
-  frame that does not decode (a truncated or damaged file) rejects the item.
+- Then the chosen frames are decoded and converted to RGB (``rgb24``): forward from the start, except that
+  in MP4/MOV and Matroska/WebM files, a chosen frame whose keyframe lies beyond what is decoded already
+  is reached by seeking to that keyframe (same pixels, without decoding the frames in between; a seek
+  that lands after its target falls back to decoding from the start). A chosen frame that does not
+  decode (a truncated or damaged file) rejects the item.
 
 Refused with :class:`VideoLoadError` (the item goes to errors.jsonl, reason ``video``): missing or 0-byte
 file, not a container FFmpeg can open, no video stream, frames larger than PIL's
@@ -23,7 +26,7 @@ file, not a container FFmpeg can open, no video stream, frames larger than PIL's
 decodable frames than asked, truncated (an MP4/MOV cut short does not open; a file holding fewer frames
 than its header counts, or ending more than two frame intervals before the duration it declares, as a
 cut Matroska/WebM does; a raw stream cut short, e.g. MPEG-TS, declares nothing and is read as what is
-left). Decoding runs from the start to the last chosen frame, so its cost grows with the clip's length. PyAV is imported on first use: it is the ``video`` extra
+left). PyAV is imported on first use: it is the ``video`` extra
 (``pip install -e .[video]``), needed only when an item has a ``"video"``.
 """
 
@@ -43,6 +46,9 @@ from data.image_preprocess import check_source
 # (and demuxing it would take minutes of the worker's time).
 MAX_VIDEO_FRAMES = 324_000
 MAX_VIDEO_SECONDS = 24 * 3600.0
+# Containers whose seek goes through an index to a keyframe (FFmpeg demuxer names); in others (MPEG-TS,
+# raw streams) a seek is a guess, so they are decoded from the start.
+SEEKABLE_FORMATS = ("mov", "mp4", "matroska", "webm")
 
 
 class VideoLoadError(ValueError):
@@ -105,6 +111,45 @@ def _check_complete(label: str, times: list[float], declared_frames: int, declar
                                  f"{declared:.2f} s")
 
 
+def _decode_chosen(av, container, stream, targets: list[int], keys: list[int]) -> list | None:
+    """RGB images of the frames whose pts are ``targets`` (ascending), None where one does not decode.
+
+    Decoding runs forward; when the keyframe at or before the next target (from ``keys``, the keyframes'
+    pts; empty: never seek) is past the last decoded frame, it seeks there first instead of decoding the
+    frames in between. That gives the same pixels: a frame shown after a keyframe never refers to frames
+    before it. Returns None if a seek lands after its target (a bad index): the caller decodes from the
+    start instead.
+    """
+    frames: list = [None] * len(targets)
+    it, cur, pos, seeked = None, None, None, False
+    for k, t in enumerate(targets):
+        j = bisect.bisect_right(keys, t) - 1
+        if j >= 0 and (pos is None and it is None and j > 0 or pos is not None and keys[j] > pos):
+            container.seek(keys[j], stream=stream, backward=True)
+            it, cur, seeked = container.decode(stream), None, True
+        elif it is None:
+            it = container.decode(stream)
+        while True:
+            if cur is None:
+                cur = next(it, None)
+                if cur is None:
+                    break  # the stream ended before this target
+                if seeked and cur.pts is not None and cur.pts > t:
+                    return None
+                seeked = False
+                if cur.pts is None:
+                    cur = None
+                    continue
+                pos = cur.pts
+            if cur.pts < t:
+                cur = None
+                continue
+            if cur.pts == t:
+                frames[k], cur = cur.to_image(), None
+            break  # cur.pts > t: this target did not decode; cur may be the next one
+    return frames
+
+
 def _open(av, src, label: str):
     try:
         return av.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else str(src),
@@ -141,7 +186,7 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
             declared = container.duration / av.time_base
         else:
             declared = None
-        stamps = []
+        stamps, keys = [], []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
@@ -150,6 +195,8 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
                 if ts is None:
                     continue
                 stamps.append(int(ts))
+                if packet.is_keyframe:
+                    keys.append(int(ts))
                 if len(stamps) > MAX_VIDEO_FRAMES:
                     raise VideoLoadError(f"{label}: more than {MAX_VIDEO_FRAMES} frames: absurdly long for a "
                                          f"training clip")
@@ -167,27 +214,26 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
         chosen = choose_frames(times, sampling)
     except VideoLoadError as e:
         raise VideoLoadError(f"{label}: {e}") from None
-    wanted = {stamps[i]: k for k, i in enumerate(chosen)}
-
-    # Pass 2: decode from the start, keep the chosen frames.
-    frames: list[Image.Image | None] = [None] * len(chosen)
-    missing = len(chosen)
+    # Pass 2: decode the chosen frames (see _decode_chosen).
+    targets = [stamps[i] for i in chosen]
     with _open(av, src, label) as container:
         stream = container.streams.video[0]
+        seekable = any(n in SEEKABLE_FORMATS for n in container.format.name.split(","))
         try:
-            for frame in container.decode(stream):
-                k = wanted.get(frame.pts)
-                if k is not None and frames[k] is None:
-                    frames[k] = frame.to_image()
-                    missing -= 1
-                    if not missing:
-                        break
+            frames = _decode_chosen(av, container, stream, targets, sorted(keys) if seekable else [])
         except av.FFmpegError as e:
-            if missing:
+            raise VideoLoadError(f"{label}: cannot decode (truncated or damaged video: "
+                                 f"{type(e).__name__}: {e})") from e
+    if frames is None:  # a seek landed after its target: decode from the start instead
+        with _open(av, src, label) as container:
+            try:
+                frames = _decode_chosen(av, container, container.streams.video[0], targets, [])
+            except av.FFmpegError as e:
                 raise VideoLoadError(f"{label}: cannot decode (truncated or damaged video: "
                                      f"{type(e).__name__}: {e})") from e
+    missing = [chosen[k] for k, f in enumerate(frames) if f is None]
     if missing:
-        bad = [chosen[k] for k, f in enumerate(frames) if f is None]
-        raise VideoLoadError(f"{label}: {len(chosen) - missing} of the {len(chosen)} chosen frames decode; "
-                             f"frame(s) {bad[:5]} of {len(stamps)} do not (truncated or damaged video)")
+        raise VideoLoadError(f"{label}: {len(chosen) - len(missing)} of the {len(chosen)} chosen frames "
+                             f"decode; frame(s) {missing[:5]} of {len(stamps)} do not (truncated or damaged "
+                             f"video)")
     return frames, chosen

@@ -69,6 +69,34 @@ def test_decoded_frames_are_the_chosen_ones_in_time_order(tmp_path, suffix, code
     assert [frame_index(f) for f in frames] == indices == [0, 3, 6, 10, 13, 16]
 
 
+@pytest.mark.parametrize("suffix,codec", [(".mp4", "libx264"), (".mkv", "mpeg4"), (".webm", "libvpx")])
+def test_seeking_to_keyframes_gives_the_frames_decoding_from_the_start_gives(tmp_path, monkeypatch, suffix, codec):
+    path = make_video(tmp_path / f"clip{suffix}", n=60, codec=codec, gop=5)
+    sampling = VideoSampling(frames=6)
+    seeks = []
+    real_seek = __import__("av").container.InputContainer.seek
+    monkeypatch.setattr("av.container.InputContainer.seek", lambda self, *a, **k: seeks.append(a) or
+                        real_seek(self, *a, **k))
+    frames, indices = load_video_frames(path, sampling)
+    assert len(seeks) >= 4  # 6 frames spread over 12 GOPs: most are reached by a seek
+    monkeypatch.setattr(video_mod, "SEEKABLE_FORMATS", ())
+    seeks.clear()
+    ref, ref_indices = load_video_frames(path, sampling)
+    assert not seeks and indices == ref_indices == [0, 11, 23, 35, 47, 59]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, ref))
+    assert [frame_index(f) for f in frames] == [round(12 * i % 256 / 12) for i in indices]  # red wraps at 256
+
+
+def test_a_seek_that_lands_after_its_target_falls_back_to_decoding_from_the_start(tmp_path, monkeypatch):
+    path = make_video(tmp_path / "clip.mkv", n=60, codec="mpeg4", gop=5)  # time base 1/1000, 100 per frame
+    ref, _ = load_video_frames(path, VideoSampling(frames=6))
+    real_seek = __import__("av").container.InputContainer.seek
+    monkeypatch.setattr("av.container.InputContainer.seek",
+                        lambda self, offset, **k: real_seek(self, offset + 1500, **k))  # a bad index
+    frames, _ = load_video_frames(path, VideoSampling(frames=6))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, ref))
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("video_media")

@@ -17,14 +17,18 @@ def frame_image(i: int, w: int, h: int) -> np.ndarray:
     return arr
 
 
-def make_video(path: Path, n: int = 20, w: int = 64, h: int = 48, fps: int = 10, codec: str = "mpeg4") -> Path:
-    """A clip of ``n`` frames (``frame_image(i)``) at ``fps`` encoded with ``codec``; container by suffix."""
+def make_video(path: Path, n: int = 20, w: int = 64, h: int = 48, fps: int = 10, codec: str = "mpeg4",
+               gop: int | None = None) -> Path:
+    """A clip of ``n`` frames (``frame_image(i)``) at ``fps`` encoded with ``codec`` (a keyframe every
+    ``gop`` frames if given); container by suffix."""
     import av
 
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.bit_rate = 4_000_000  # near-lossless, so frame_index reads the index back from lossy codecs
+        if gop:
+            s.codec_context.gop_size = gop
         for i in range(n):
             for p in s.encode(av.VideoFrame.from_ndarray(frame_image(i, w, h), format="rgb24")):
                 c.mux(p)
