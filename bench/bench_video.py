@@ -9,7 +9,8 @@ the chosen frames written as PNG files (lossless: the same pixels) behind ``<|im
 give identical tokens. Then, interleaved round by round (so the machine's load hits both alike):
 
   prepare     ``ItemProcessor.prepare`` in this process (CPU side only: decode + frame choice +
-              preprocess, text), frames/s of the video items vs images/s of the image items;
+              preprocess, text), frames/s of the video items vs images/s of the image items; the
+              video items also once with keyframe seeking off (decoding every frame from the start);
   pre_tokenize  the real script in a subprocess (``--num_workers``, VQGAN with Chameleon's real
               architecture and seeded weights, or the tiny bundle's with ``--tiny``), steady rate read
               off its record file as it grows (the first ``--batch_size`` items are a warm-up).
@@ -27,12 +28,14 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
 
 from bench_pretokenize import bench_script, make_bundle, rate  # this script's directory is on sys.path
+from data import video as video_module
 from data.item_processor import ItemProcessor
 from data.video import VideoSampling, load_video_frames
 from model.make_tiny_bundle import make_tiny_bundle
@@ -42,7 +45,7 @@ logger = logging.getLogger("bench_video")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_clip(path: Path, seconds: float, w: int, h: int, seed: int, fps: int = 25) -> None:
+def make_clip(path: Path, seconds: float, w: int, h: int, seed: int, fps: int = 25, gop: int | None = None) -> None:
     """H.264 (yuv420p) clip of smooth noise panning sideways, so frames differ like a real shot."""
     import av
 
@@ -52,6 +55,8 @@ def make_clip(path: Path, seconds: float, w: int, h: int, seed: int, fps: int = 
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if gop:
+            s.codec_context.gop_size = gop
         for i in range(int(seconds * fps)):
             x = (i * 3) % w
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(big[:, x:x + w]), format="rgb24")
@@ -66,7 +71,7 @@ def make_inputs(d: Path, args) -> tuple[Path, Path, list[dict], list[dict]]:
     videos, images = [], []
     for k in range(args.clips):
         clip = d / f"clip{k}.mp4"
-        make_clip(clip, args.seconds, args.width, args.height, seed=k)
+        make_clip(clip, args.seconds, args.width, args.height, seed=k, gop=args.gop)
         frames, _ = load_video_frames(clip, sampling)
         names = []
         for j, f in enumerate(frames):
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="clip length (25 fps)")
     parser.add_argument("--width", type=int, default=480, help="clip width")
     parser.add_argument("--height", type=int, default=270, help="clip height")
+    parser.add_argument("--gop", type=int, default=None,
+                        help="keyframe interval of the clips in frames (default: libx264's, 250)")
     parser.add_argument("--video_target_size", type=int, default=256, help="--video_target_size (and --target_size)")
     parser.add_argument("--batch_size", type=int, default=8, help="pre_tokenize --batch_size")
     parser.add_argument("--num_workers", type=int, default=1, help="pre_tokenize --num_workers")
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         proc = ItemProcessor(ChameleonTokenizer.from_bundle(bundle, load_vqgan=False), args.video_target_size,
                              video=VideoSampling(frames=args.frames, target_size=args.video_target_size))
         flags = ("--video_frames", str(args.frames), "--video_target_size", str(args.video_target_size))
-        res: dict[str, list[float]] = {k: [] for k in ("prepare video", "prepare images", "pre_tokenize video",
+        res: dict[str, list[float]] = {k: [] for k in ("prepare video", "prepare video, no seeking",
+                                                       "prepare images", "pre_tokenize video",
                                                        "pre_tokenize images")}
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
@@ -125,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
                                                    * args.frames)
                 logger.info("round %d %s: prepare %.1f frames/s, pre_tokenize %.2f frames/s (%s)", r + 1, name,
                             res[f"prepare {name}"][-1], res[f"pre_tokenize {name}"][-1], log.strip().splitlines()[-1][-160:])
+            # the same video items decoded forward from the start of each clip (no keyframe seeking)
+            t0 = time.perf_counter()
+            with mock.patch.object(video_module, "SEEKABLE_FORMATS", ()):
+                got = sum(len(proc.prepare(it, tmp).images) for it in videos)
+            res["prepare video, no seeking"].append(got / (time.perf_counter() - t0))
             load.append(os.getloadavg()[0])
         same = all((tmp / f"out_video_{r}" / "0-of-1-tokens.bin").read_bytes()
                    == (tmp / f"out_images_{r}" / "0-of-1-tokens.bin").read_bytes() for r in range(args.rounds))
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                   "median": {k: float(np.median(v)) for k, v in a.items()},
                   "ratio_video_over_images_per_round": {
                       "prepare": list(a["prepare video"] / a["prepare images"]),
+                      "prepare, no seeking": list(a["prepare video, no seeking"] / a["prepare images"]),
                       "pre_tokenize": list(a["pre_tokenize video"] / a["pre_tokenize images"])}}
     for k, v in report["median"].items():
         logger.info("%-22s median %.2f frames/s", k, v)
