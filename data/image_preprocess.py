@@ -2,11 +2,16 @@
 
     img = load_image("cat.jpg")                  # EXIF orientation applied, modes normalised, bombs refused
     pixels = preprocess_image(img, 512)          # e.g. [3, 512, 512] or [3, 384, 672]
+    pixels = preprocess_image(img, 512, fit="pad")   # the whole image, padded to the chosen size
 
 Steps, as in Lumina-mGPT's ``var_center_crop`` + Chameleon's image processor (see DESIGN "One training
 sequence"): pick the crop size on a 32-px grid whose aspect ratio is closest to the image's, halve with BOX
 while both sides are >= 2x the crop, BICUBIC-resize to cover the crop, crop at the centre (Lumina picks a
 random offset; ours is deterministic), composite transparency onto white, scale to [-1, 1].
+
+``fit="pad"`` (``--image_fit pad``) keeps the whole image instead: same choice of size, then the image is
+resized to fit inside it and centred on a canvas of LLaVA's padding colour (``expand2square`` /
+xtuner's ``pad_image_to_square``, generalised from a square to the chosen 32-px grid size).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ MAX_ASPECT = 4.0      # long side / short side of a crop
 # A resize intermediate larger than this many times the crop means an absurd aspect ratio (e.g. a
 # 20000x10 strip would be upscaled to 1024x512000 before cropping); such images are refused.
 MAX_UPSCALE_AREA = 64
+FITS = ("crop", "pad")
+# LLaVA's expand2square and xtuner's pad_image_to_square pad with the vision processor's image_mean,
+# i.e. CLIP's (0.48145466, 0.4578275, 0.40821073), as tuple(int(x * 255) ...).
+PAD_COLOR = (122, 116, 104)
 
 
 class ImageLoadError(ValueError):
@@ -86,6 +95,23 @@ def center_crop(img: Image.Image, crop: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + cw, top + ch))
 
 
+def pad_to_fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """BOX-halve while both sides >= 2x the fitted size, BICUBIC-resize to fit inside ``size`` keeping the
+    aspect ratio, centre on a ``PAD_COLOR`` canvas of ``size`` (alpha kept, so transparency still goes to
+    white afterwards; the padding is opaque)."""
+    cw, ch = size
+    scale = min(cw / img.size[0], ch / img.size[1])
+    fitted = (min(cw, max(1, round(img.size[0] * scale))), min(ch, max(1, round(img.size[1] * scale))))
+    mode = "RGBA" if "A" in img.mode else "RGB"
+    img = img.convert(mode)
+    while img.size[0] >= 2 * fitted[0] and img.size[1] >= 2 * fitted[1]:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    img = img.resize(fitted, resample=Image.Resampling.BICUBIC)
+    canvas = Image.new(mode, size, PAD_COLOR + ((255,) if mode == "RGBA" else ()))
+    canvas.paste(img, ((cw - fitted[0]) // 2, (ch - fitted[1]) // 2))
+    return canvas
+
+
 def to_rgb_array(img: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3]. With any alpha < 255: (1 - a) * 255 + a * rgb, a = alpha / 255 in float64,
     truncated to uint8 (Chameleon's ``_whiten_transparency``); else a plain RGB conversion."""
@@ -103,10 +129,14 @@ def pixels_from_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((rgb / 255.0) * 2 - 1).astype(np.float32).transpose(2, 0, 1))
 
 
-def preprocess_image(img: Image.Image, target_size: int) -> np.ndarray:
-    """PIL image (as from ``load_image``) -> float32 [3, H, W] in [-1, 1], H and W multiples of 32."""
-    crop = choose_crop(img.size[0], img.size[1], crop_sizes(target_size))
-    return pixels_from_rgb(to_rgb_array(center_crop(img, crop)))
+def preprocess_image(img: Image.Image, target_size: int, fit: str = "crop") -> np.ndarray:
+    """PIL image (as from ``load_image``) -> float32 [3, H, W] in [-1, 1], H and W multiples of 32.
+
+    ``fit``: ``crop`` (Lumina's: cover the chosen size, cut the centre) or ``pad`` (fit inside, pad)."""
+    if fit not in FITS:
+        raise ValueError(f"image fit must be one of {', '.join(FITS)}, got {fit!r}")
+    size = choose_crop(img.size[0], img.size[1], crop_sizes(target_size))
+    return pixels_from_rgb(to_rgb_array(center_crop(img, size) if fit == "crop" else pad_to_fit(img, size)))
 
 
 def to_pil(pixels) -> Image.Image:
@@ -161,6 +191,22 @@ def _exif_transpose(img: Image.Image, label: str) -> Image.Image:
         return img
 
 
+def check_source(src: str | os.PathLike | bytes, name: str | None, error: type[Exception]) -> str:
+    """The label of a media source for messages (``name``, else the path or ``<N bytes>``); raises
+    ``error`` for a missing path, a path that is not a file, or an empty file or buffer."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        label = name or f"<{len(src)} bytes>"
+        if len(src) == 0:
+            raise error(f"{label}: empty (0 bytes)")
+        return label
+    label, path = name or str(src), Path(src)
+    if not path.is_file():
+        raise error(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
+    if path.stat().st_size == 0:
+        raise error(f"{label}: empty file (0 bytes)")
+    return label
+
+
 def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Reads an image file (path) or encoded image (bytes) fully; EXIF orientation applied; mode L, LA,
     RGB or RGBA. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong.
@@ -168,19 +214,8 @@ def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image
     Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused (PIL itself only warns below twice that). The
     warning filter this uses is process-wide: call it from processes, not from several threads at once.
     """
-    is_bytes = isinstance(src, (bytes, bytearray, memoryview))
-    label = name or (f"<{len(src)} bytes>" if is_bytes else str(src))
-    if is_bytes:
-        if len(src) == 0:
-            raise ImageLoadError(f"{label}: empty (0 bytes)")
-        fp = io.BytesIO(bytes(src))
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise ImageLoadError(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(f"{label}: empty file (0 bytes)")
-        fp = path
+    label = check_source(src, name, ImageLoadError)
+    fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src)
     try:
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
         with warnings.catch_warnings():

@@ -8,6 +8,13 @@ Formats (``--in_format``; ``auto`` picks by path):
     wds     a directory of webdataset ``*.tar`` shards; a sample is the members sharing a key: an image
             (jpg/jpeg/png/webp), a ``json`` with ``question`` and a ``txt`` answer -> one human turn
             and one assistant turn. Shards are taken in name order, members in archive order.
+    energon a dataset prepared by Megatron-Energon's ``energon prepare`` (a directory with ``.nv-meta/``;
+            ``auto`` picks it for such a directory): the shards of one split (``--energon_split``) of
+            ``.nv-meta/split.yaml``, in its order, samples in archive order, excluded ones left out; the
+            sample type and field map of ``.nv-meta/dataset.yaml``: ``VQASample`` (``VQAWebdataset``)
+            -> image, ``context`` as the human turn, ``answers`` (the first, if a list) as the assistant
+            turn; ``CaptioningSample`` (``CaptioningWebdataset``) -> a human turn that is just the image,
+            ``caption`` as the assistant turn. Other sample types, and ``sample_loader`` code, are refused.
 
 An item's id is its 0-based position in the input (for JSONL: among the non-blank lines). A reader
 yields, for each id of a range in order, an :class:`InputItem` holding either the item (a dict in
@@ -29,10 +36,11 @@ from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "json", "llava", "jsonl", "wds")
+FORMATS = ("auto", "json", "llava", "jsonl", "wds", "energon")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LUMINA_MARKER = "<|image|>"
 LLAVA_MARKER = "<image>"
+ENERGON_META = ".nv-meta"  # what `energon prepare` adds to a directory of webdataset shards
 
 # JSONL: byte offset of every JSONL_CHECKPOINT_EVERY-th item is kept from the counting pass, so a rank
 # (or a resumed run) seeks near its first item instead of re-reading the lines before it, while the
@@ -326,13 +334,15 @@ class WdsSource:
         return InputItem(i, where, item)
 
 
-def open_input(path: str | Path, in_format: str = "auto"):
+def open_input(path: str | Path, in_format: str = "auto", energon_split: str = "train"):
     """Opens ``path`` as a source of items (see the module docstring); checks the file at once."""
     path = Path(path)
     if in_format not in FORMATS:
         raise InputFileError(f"--in_format {in_format!r}: expected one of {', '.join(FORMATS)}")
     if in_format == "auto":
-        if path.is_dir():
+        if path.is_dir() and (path / ENERGON_META).is_dir():
+            in_format = "energon"
+        elif path.is_dir():
             in_format = "wds"
         elif path.suffix.lower() == ".jsonl":
             in_format = "jsonl"
@@ -342,7 +352,11 @@ def open_input(path: str | Path, in_format: str = "auto"):
             raise InputFileError(f"--in_filename {path}: file not found")
         else:
             raise InputFileError(f"--in_filename {path}: cannot tell the format from the name; pass "
-                                 f"--in_format (one of json, llava, jsonl, wds)")
+                                 f"--in_format (one of json, llava, jsonl, wds, energon)")
+    if in_format == "energon":
+        from data.energon_input import EnergonSource
+
+        return EnergonSource(path, energon_split)
     if in_format == "wds":
         if path.exists() and not path.is_dir():
             raise InputFileError(f"--in_filename {path}: --in_format wds needs a directory of .tar shards")

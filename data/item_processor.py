@@ -13,6 +13,14 @@ the trailing ``<reserved08706>``). Each ``<|image|>`` in a message is replaced b
 ``<eoss>``), labelled exactly when the marker is in an assistant turn; the text on each side of a marker is
 encoded as written. With images but no marker, ``"<|image|> "`` per image goes in front of the first turn.
 
+Videos (``"video": path | [paths]``, markers ``<|video|>`` or LLaVA's ``<video>``, mixed freely with images):
+each video's frames are chosen and decoded as :mod:`data.video` says and preprocessed like images at
+``video.target_size``; its marker is replaced by the frames' image blocks back to back, in time order, with
+nothing between them (so a video of K frames tokenizes exactly like K adjacent ``<|image|>`` markers with
+those frames as images). With videos but no video marker, ``"<|video|> "`` per video goes in front of the
+first turn (ahead of any prepended image markers). In items without ``"video"`` the markers are plain text.
+``image_fit="pad"`` keeps whole images (see :func:`data.image_preprocess.preprocess_image`).
+
 Pre-tokenization runs in two steps so the VQGAN can batch images across items on one device:
 ``prepare`` (worker processes: validation, text encoding, image loading and preprocessing; no VQGAN) and
 ``assemble`` (splices the codes in). ``process_item`` does both for one item.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,13 +38,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data.image_preprocess import ImageLoadError, crop_sizes, load_image, preprocess_image
+from data.image_preprocess import FITS, ImageLoadError, crop_sizes, load_image, preprocess_image
+from data.video import VideoLoadError, VideoSampling, load_video_frames
 from data.records import IGNORE_INDEX
 from model.tokenizer_bundle import EOT, ChameleonTokenizer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<|image|>"
+VIDEO_MARKER = "<|video|>"
+LLAVA_VIDEO_MARKER = "<video>"
+_IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)})")
+_MEDIA_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -56,6 +70,7 @@ class PreparedItem:
     images: list[np.ndarray] = field(default_factory=list)  # float32 [3, H, W] in [-1, 1]
     image_labelled: list[bool] = field(default_factory=list)
     image_sources: list[str] = field(default_factory=list)  # path, or "<N bytes>", for messages
+    video_frames: list[int] = field(default_factory=list)  # frames of each video, in marker order
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
@@ -87,24 +102,39 @@ def _role(msg, i: int) -> str:
     return "human" if who.lower() in HUMAN_ROLES else "assistant"
 
 
-def _image_entries(item: dict) -> list:
-    raw = item.get("image")
+def _media_entries(item: dict, key: str) -> list:
+    raw = item.get(key)
     if raw is None:
         return []
     entries = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     for k, e in enumerate(entries):
         if not isinstance(e, (str, os.PathLike, bytes, bytearray, memoryview)):
-            raise ItemError(f"image {k}: expected a path or encoded image bytes, got {type(e).__name__}")
+            raise ItemError(f"{key} {k}: expected a path or encoded {key} bytes, got {type(e).__name__}")
     return entries
+
+
+def _source(entry, base_dir) -> tuple[str, object]:
+    """(label for messages, what to open): bytes as they are, a relative path against ``base_dir``."""
+    if isinstance(entry, (bytes, bytearray, memoryview)):
+        return f"<{len(entry)} bytes>", entry
+    path = Path(entry)
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    return str(path), path
 
 
 class ItemProcessor:
     """Lumina-mGPT's item processing with a ChameleonTokenizer; ``target_size`` as Lumina's (512/768/1024)."""
 
-    def __init__(self, tokenizer: ChameleonTokenizer, target_size: int = 512):
+    def __init__(self, tokenizer: ChameleonTokenizer, target_size: int = 512, image_fit: str = "crop",
+                 video: VideoSampling | None = None):
+        if image_fit not in FITS:
+            raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {image_fit!r}")
         self.tokenizer = tokenizer
         self.target_size = target_size
-        sizes = crop_sizes(target_size)
+        self.image_fit = image_fit
+        self.video = video or VideoSampling()
+        sizes = crop_sizes(target_size) + crop_sizes(self.video.target_size)
         # Fail at start-up, not on the first unusual aspect ratio, if the vocabulary lacks a size token.
         for n in sorted({s // 32 for wh in sizes for s in wh}):
             tokenizer.size_token_id(n)
@@ -112,7 +142,8 @@ class ItemProcessor:
     # ------------------------------------------------------------------------------------- prepare
 
     def prepare(self, item: dict, base_dir: str | os.PathLike | None = None) -> PreparedItem:
-        """Validates the conversation, encodes its text, loads and preprocesses its images (no VQGAN)."""
+        """Validates the conversation, encodes its text, loads and preprocesses its images and video
+        frames (no VQGAN)."""
         if not isinstance(item, dict):
             raise ItemError(f"an item must be an object with 'conversations', got {type(item).__name__}")
         conv = item.get("conversations")
@@ -134,13 +165,24 @@ class ItemProcessor:
             roles.append(role)
         values = [msg["value"] for msg in conv]
 
-        images = _image_entries(item)
+        images = _media_entries(item, "image")
         n_markers = sum(v.count(IMAGE_MARKER) for v in values)
         if n_markers == 0 and images:
             values[0] = (IMAGE_MARKER + " ") * len(images) + values[0]
         elif n_markers != len(images):
             raise ItemError(f"{n_markers} {IMAGE_MARKER} placeholder(s) in the conversation but "
                             f"{len(images)} image(s) given")
+        # Video markers only mean something in an item that has videos: elsewhere "<video>" stays text,
+        # so image-only items tokenize exactly as before.
+        videos = _media_entries(item, "video")
+        if videos:
+            values = [v.replace(LLAVA_VIDEO_MARKER, VIDEO_MARKER) for v in values]
+            n_video = sum(v.count(VIDEO_MARKER) for v in values)
+            if n_video == 0:
+                values[0] = (VIDEO_MARKER + " ") * len(videos) + values[0]
+            elif n_video != len(videos):
+                raise ItemError(f"{n_video} {VIDEO_MARKER} (or {LLAVA_VIDEO_MARKER}) placeholder(s) in the "
+                                f"conversation but {len(videos)} video(s) given")
 
         assistant = [v for v, r in zip(values, roles) if r == "assistant"]
         if not assistant:
@@ -148,38 +190,63 @@ class ItemProcessor:
         if all(not v.strip() for v in assistant):
             raise ItemError("nothing to train on: every assistant turn is empty")
 
-        segments, seg_labels, image_labelled = [[self.tokenizer.bos_id]], [[IGNORE_INDEX]], []
+        # Text: each part between markers is encoded as written; slots are the markers in order.
+        split = _MEDIA_SPLIT if videos else _IMAGE_SPLIT
+        segments, seg_labels, slots = [[self.tokenizer.bos_id]], [[IGNORE_INDEX]], []
         for value, role in zip(values, roles):
             labelled = role == "assistant"
-            parts = value.split(IMAGE_MARKER)
-            for j, part in enumerate(parts):
+            parts = split.split(value)  # text, marker, text, marker, ..., text
+            for j in range(0, len(parts), 2):
                 last = j == len(parts) - 1
                 # The end-of-turn token is encoded with the text, as in Lumina's one-string encoding; the
                 # tokenizer splits at added tokens first, so this equals encoding the whole conversation.
-                ids = self.tokenizer.encode_text(part + EOT if last else part)
+                ids = self.tokenizer.encode_text(parts[j] + EOT if last else parts[j])
                 segments[-1].extend(ids)
                 seg_labels[-1].extend(ids if labelled else [IGNORE_INDEX] * len(ids))
                 if not last:
-                    image_labelled.append(labelled)
+                    slots.append((parts[j + 1] == VIDEO_MARKER, labelled))
                     segments.append([])
                     seg_labels.append([])
 
         pixels, sources = [], []
         for k, entry in enumerate(images):
-            if isinstance(entry, (bytes, bytearray, memoryview)):
-                label, src = f"<{len(entry)} bytes>", entry
-            else:
-                path = Path(entry)
-                if base_dir is not None and not path.is_absolute():
-                    path = Path(base_dir) / path
-                label, src = str(path), path
+            label, src = _source(entry, base_dir)
             try:
-                pixels.append(preprocess_image(load_image(src, name=label), self.target_size))
+                pixels.append(preprocess_image(load_image(src, name=label), self.target_size, self.image_fit))
             except ImageLoadError as e:
                 raise ItemError(f"image {k} cannot be used: {e}") from e
             sources.append(label)
-        return PreparedItem(segments=segments, segment_labels=seg_labels, images=pixels,
-                            image_labelled=image_labelled, image_sources=sources)
+        clips = []
+        for k, entry in enumerate(videos):
+            label, src = _source(entry, base_dir)
+            try:
+                frames, indices = load_video_frames(src, self.video, name=label)
+                clips.append(([preprocess_image(f, self.video.target_size, self.image_fit) for f in frames],
+                              [f"{label} frame {i}" for i in indices]))
+            except (VideoLoadError, ImageLoadError) as e:
+                raise ItemError(f"video {k} cannot be used: {e}") from e
+        if not videos:
+            return PreparedItem(segments=segments, segment_labels=seg_labels, images=pixels,
+                                image_labelled=[lab for _, lab in slots], image_sources=sources)
+
+        # A video's marker becomes its frames' blocks back to back: empty text segments between them.
+        out = PreparedItem(segments=[segments[0]], segment_labels=[seg_labels[0]])
+        next_image, next_video = iter(zip(pixels, sources)), iter(clips)
+        for (is_video, labelled), seg, lab in zip(slots, segments[1:], seg_labels[1:]):
+            if is_video:
+                frames, names = next(next_video)
+            else:
+                pix, name = next(next_image)
+                frames, names = [pix], [name]
+            for f, (pix, name) in enumerate(zip(frames, names)):
+                out.images.append(pix)
+                out.image_sources.append(name)
+                out.image_labelled.append(labelled)
+                out.segments.append(seg if f == len(frames) - 1 else [])
+                out.segment_labels.append(lab if f == len(frames) - 1 else [])
+            if is_video:
+                out.video_frames.append(len(frames))
+        return out
 
     # ------------------------------------------------------------------------------------ assemble
 

@@ -51,13 +51,16 @@ class Prepared:
 
 
 def classify(exc: BaseException) -> str:
-    """Short reason for the summary: image, conversation (roles, markers, shape), unexpected."""
+    """Short reason for the summary: video, image, conversation (roles, markers, shape), unexpected."""
     from data.item_processor import ItemError
+    from data.video import VideoLoadError
 
     chain, e = [], exc
     while e is not None and len(chain) < 8:
         chain.append(e)
         e = e.__cause__ or e.__context__
+    if any(isinstance(c, VideoLoadError) for c in chain):
+        return "video"
     if any(isinstance(c, ImageLoadError) for c in chain):
         return "image"
     if isinstance(exc, ItemError):

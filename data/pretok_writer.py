@@ -2,7 +2,8 @@
 
 Files of rank r of S in ``out_dir`` (formats of the first three in :mod:`data.records`):
     {r}-of-{S}-tokens.bin     token shard (append-only)
-    {r}-of-{S}-record.jsonl   {"id", "file", "len", "offset"} per pre-tokenized item, in id order
+    {r}-of-{S}-record.jsonl   {"id", "file", "len", "offset"} per pre-tokenized item, in id order (items
+                              with videos add "frames": frames per video)
     {r}-of-{S}-errors.jsonl   {"id", "error", "reason"} per rejected item, in id order
     {r}-of-{S}-run.json       what this rank is made from (input size, id range, target size, bundle
                               fingerprint); written before any item, checked on every re-run
@@ -44,8 +45,12 @@ RUN_VERSION = 1
 # A killed run's worker processes die with it, but a moment later (they get SIGKILL from the kernel when
 # their parent dies); an immediate re-run waits this long for them before calling the rank busy.
 LOCK_WAIT_SECONDS = 10.0
+# Settings that change the output but are written only when not at their default (so output directories
+# made before they existed continue), and are copied into done.json.
+RUN_OPTIONAL_KEYS = ("image_fit", "video_frames", "video_fps", "video_max_frames", "video_target_size",
+                     "energon_split")
 RUN_CHECKED_KEYS = ("version", "rank", "splits", "num_items", "start", "end", "in_format",
-                    "target_size", "tokenizer_sha256")
+                    "target_size", "tokenizer_sha256") + RUN_OPTIONAL_KEYS
 
 
 def run_name(rank: int, splits: int) -> str:
@@ -212,12 +217,14 @@ class RankWriter:
     _rec_lines: list[str] = field(default_factory=list)
     _err_lines: list[str] = field(default_factory=list)
     _last_id: int = -1
+    _settings: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, out_dir: str | os.PathLike, rank: int, splits: int, ids: range, run_info: dict) -> "RankWriter":
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         w = cls(out_dir, rank, splits, ids)
+        w._settings = {k: run_info[k] for k in RUN_OPTIONAL_KEYS if k in run_info}
         shard_path = out_dir / shard_name(rank, splits)
         # One writer per rank: a lock on the shard (released by the kernel when the process dies).
         w._lock_fd = os.open(shard_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -283,15 +290,17 @@ class RankWriter:
             raise ValueError(f"item {i} is out of order or already written (last {self._last_id})")
         self._last_id = i
 
-    def add(self, i: int, tokens, labels) -> Record:
-        """Appends item ``i`` to the shard; its record line is written at the next commit."""
+    def add(self, i: int, tokens, labels, extra: dict | None = None) -> Record:
+        """Appends item ``i`` to the shard; its record line (with ``extra`` keys, if any) is written at
+        the next commit."""
         self._check_order(i)
         try:
             offset = self._shard.append(tokens, labels)
         except OSError as e:
             raise _write_failed(self._shard.path, e) from e
         rec = Record(id=i, file=self._shard.path.name, len=len(tokens), offset=offset)
-        self._rec_lines.append(rec.to_json() + "\n")
+        line = rec.to_json() if not extra else json.dumps({**json.loads(rec.to_json()), **extra}, ensure_ascii=False)
+        self._rec_lines.append(line + "\n")
         return rec
 
     def add_error(self, i: int, error: str, reason: str) -> None:
@@ -335,7 +344,8 @@ class RankWriter:
         done = self.out_dir / done_name(self.rank, self.splits)
         try:
             write_json_atomic(done, {"format": DONE_FORMAT, "version": RUN_VERSION, "rank": self.rank,
-                                     "splits": self.splits, "start": self.ids.start, "end": self.ids.stop, **summary})
+                                     "splits": self.splits, "start": self.ids.start, "end": self.ids.stop,
+                                     **self._settings, **summary})
         except OSError as e:
             raise _write_failed(done, e) from e
         self.finished = True
@@ -363,15 +373,19 @@ class RankWriter:
 
 
 def summarize(out_dir: Path, rank: int, splits: int) -> dict:
-    """Counts of a rank's output read back from its files: records, tokens, errors by reason."""
-    records = tokens = 0
+    """Counts of a rank's output read back from its files: records, tokens, errors by reason (and videos
+    and their frames, when there are any)."""
+    records = tokens = videos = frames = 0
     rp = out_dir / record_name(rank, splits)
     if rp.exists():
         with open(rp, "rb") as f:
             for line in f:
                 if line.endswith(b"\n"):
+                    d = json.loads(line)
                     records += 1
-                    tokens += int(json.loads(line)["len"])
+                    tokens += int(d["len"])
+                    videos += len(d.get("frames", ()))
+                    frames += sum(d.get("frames", ()))
     reasons: Counter[str] = Counter()
     ep = out_dir / errors_name(rank, splits)
     if ep.exists():
@@ -379,5 +393,8 @@ def summarize(out_dir: Path, rank: int, splits: int) -> dict:
             for line in f:
                 if line.endswith(b"\n"):
                     reasons[json.loads(line).get("reason", "other")] += 1
-    return {"records": records, "tokens": tokens, "errors": sum(reasons.values()),
-            "errors_by_reason": dict(sorted(reasons.items()))}
+    out = {"records": records, "tokens": tokens, "errors": sum(reasons.values()),
+           "errors_by_reason": dict(sorted(reasons.items()))}
+    if videos:
+        out.update(videos=videos, frames=frames)
+    return out

@@ -1,4 +1,4 @@
-"""Pre-tokenizes conversations with images into token shards: one rank of S, exactly once, resumable.
+r"""Pre-tokenizes conversations with images into token shards: one rank of S, exactly once, resumable.
 
     # one process (rank 0 of 1) on a CPU with the tiny bundle:
     python model/make_tiny_bundle.py --out /tmp/tiny_bundle
@@ -11,9 +11,16 @@
     python pre_tokenize/concat_record.py --sub_record_dir out --save_path out/record.json
     # SLURM: --rank/--splits come from SLURM_PROCID/SLURM_NTASKS (or torchrun's RANK/WORLD_SIZE)
     srun -n 8 --gres=gpu:8 python pre_tokenize/pre_tokenize.py --in_filename data.jsonl --out_dir out ...
+    # video conversations (AuroraCap / LLaVA-video: "video": "clips/a.mp4", <video> markers), 8 frames each:
+    python pre_tokenize/pre_tokenize.py --in_filename videos.jsonl --out_dir out_v --target_size 512 \
+        --video_frames 8 --video_target_size 256
+    # a Megatron-Energon prepared dataset (LLaVA-JP), its train split, whole images padded instead of cropped:
+    python pre_tokenize/pre_tokenize.py --in_filename /data/energon --energon_split train \
+        --out_dir out_e --target_size 512 --image_fit pad
 
 Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
-streamed, LLaVA JSON, or a directory of webdataset tars; see data/input_formats.py) and writes, in
+streamed, LLaVA JSON, a directory of webdataset tars, or an energon-prepared dataset; see
+data/input_formats.py and data/energon_input.py; videos: data/video.py) and writes, in
 ``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
 item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
 ``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
@@ -42,11 +49,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.image_preprocess import FITS
 from data.input_formats import FORMATS, InputFileError, open_input, rank_range
 from data.pretok_workers import Prepared, classify, prepare_stream
-from data.pretok_writer import OutputConflictError, OutputWriteError, RankWriter, bundle_fingerprint
+from data.pretok_writer import (RUN_OPTIONAL_KEYS, OutputConflictError, OutputWriteError, RankWriter,
+                                bundle_fingerprint)
 
 logger = logging.getLogger("pre_tokenize")
+# Lumina-mGPT's pre_tokenize.py has no --tokenizer_dir: it reads the bundle from here (relative to the cwd).
+LUMINA_TOKENIZER_DIR = Path("./ckpts/chameleon/tokenizer")
 
 
 def _env_int(*names: str) -> int | None:
@@ -65,20 +76,39 @@ class PretokArgs:
     """Flags of pre_tokenize.py (each field is one ``--flag``; ``None`` means "work it out")."""
 
     in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
-                             "streamed), a LLaVA JSON list, or a directory of webdataset .tar shards")
+                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, or a "
+                             "Megatron-Energon prepared dataset (a directory with .nv-meta/). Items may have "
+                             "\"video\" (see --video_frames)")
     out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
-    tokenizer_dir: Path = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
-                               "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`)")
+    tokenizer_dir: Path | None = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
+                                      "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`). "
+                                      f"Default: {LUMINA_TOKENIZER_DIR} (where Lumina-mGPT keeps it) when that "
+                                      "directory exists", None)
     splits: int | None = _arg("number of ranks the input is split into (default: $SLURM_NTASKS, else "
                               "$WORLD_SIZE, else 1)", None)
     rank: int | None = _arg("this process's rank in [0, splits) (default: $SLURM_PROCID, else $RANK, "
                             "else 0)", None)
     target_size: int = _arg("image area budget: crops are chosen on a 32-px grid with at most "
                             "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ... (default: %(default)s)", 512)
-    in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory -> wds, .jsonl -> "
+    in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory with .nv-meta/ -> "
+                          f"energon (prepared by `energon prepare`), another directory -> wds, .jsonl -> "
                           f"jsonl, .json -> json (llava when its messages use <image> markers)", "auto",
                           choices=FORMATS)
-    image_root: Path | None = _arg("directory that relative image paths are resolved against (default: "
+    image_fit: str = _arg("how an image meets its chosen 32-px grid size: crop (Lumina's: cover it, cut the "
+                          "centre) or pad (keep the whole image: fit inside, pad with LLaVA's mean colour, as "
+                          "LLaVA's expand2square / xtuner's pad_image_to_square). Applies to video frames too "
+                          "(default: %(default)s)", "crop", choices=FITS)
+    video_frames: int = _arg("frames per video, chosen uniformly over its duration (np.linspace(0, n-1, K)); "
+                             "a video with fewer frames is rejected (default: %(default)s)", 8)
+    video_fps: float | None = _arg("instead of --video_frames: frames at this rate (frames per second of "
+                                   "the clip), at most --video_max_frames, spread evenly when there would "
+                                   "be more (default: off)", None)
+    video_max_frames: int = _arg("cap on the frames per video with --video_fps (default: %(default)s)", 32)
+    video_target_size: int = _arg("area budget of each video frame, like --target_size for images "
+                                  "(default: %(default)s)", 256)
+    energon_split: str = _arg("with --in_format energon: the split of .nv-meta/split.yaml to read "
+                              "(default: %(default)s)", "train")
+    image_root: Path | None = _arg("directory that relative image and video paths are resolved against (default: "
                                    "the directory of --in_filename)", None)
     batch_size: int = _arg("most same-size images the VQGAN encodes in one call (default: %(default)s)", 8)
     num_workers: int = _arg("worker processes that load/preprocess images and encode text (0: do it in "
@@ -109,7 +139,7 @@ class PretokArgs:
                                help=f"the opposite of --{f.name}")
                 continue
             typ = {"Path": Path, "Path | None": Path, "int": int, "int | None": int, "float": float,
-                   "str": str}[f.type]
+                   "float | None": float, "str": str}[f.type]
             kw = {"required": True} if f.default is MISSING else {"default": f.default}
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
@@ -124,10 +154,21 @@ class PretokArgs:
             args.splits = _env_int("SLURM_NTASKS", "WORLD_SIZE") or 1
         if args.rank is None:
             args.rank = _env_int("SLURM_PROCID", "RANK") or 0
+        if args.tokenizer_dir is None:
+            if not LUMINA_TOKENIZER_DIR.is_dir():
+                p.error(f"no --tokenizer_dir given, and Lumina's default {LUMINA_TOKENIZER_DIR} does not exist "
+                        f"(relative to {Path.cwd()}): pass --tokenizer_dir DIR (a Chameleon tokenizer bundle, "
+                        f"or `python model/make_tiny_bundle.py --out DIR`)")
+            args.tokenizer_dir = LUMINA_TOKENIZER_DIR
         checks = [(args.splits >= 1, f"--splits must be >= 1, got {args.splits}"),
                   (0 <= args.rank < args.splits, f"--rank must be in [0, --splits={args.splits}), got {args.rank}"),
                   (args.target_size >= 32 and args.target_size % 32 == 0,
                    f"--target_size must be a positive multiple of 32, got {args.target_size}"),
+                  (args.video_target_size >= 32 and args.video_target_size % 32 == 0,
+                   f"--video_target_size must be a positive multiple of 32, got {args.video_target_size}"),
+                  (args.video_frames >= 1, f"--video_frames must be >= 1, got {args.video_frames}"),
+                  (args.video_fps is None or args.video_fps > 0, f"--video_fps must be > 0, got {args.video_fps}"),
+                  (args.video_max_frames >= 1, f"--video_max_frames must be >= 1, got {args.video_max_frames}"),
                   (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
                   (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
                   (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
@@ -136,6 +177,20 @@ class PretokArgs:
             if not ok:
                 p.error(msg)
         return args
+
+
+def video_sampling(args: PretokArgs):
+    from data.video import VideoSampling
+
+    return VideoSampling(frames=args.video_frames, fps=args.video_fps, max_frames=args.video_max_frames,
+                         target_size=args.video_target_size)
+
+
+def output_settings(args: PretokArgs) -> dict:
+    """The flags beyond Lumina's that change the output, where not at their defaults (for run.json and
+    done.json; a re-run with other values is refused)."""
+    return {k: getattr(args, k) for k in RUN_OPTIONAL_KEYS
+            if hasattr(args, k) and getattr(args, k) != PretokArgs.__dataclass_fields__[k].default}
 
 
 def resolve_device(name: str):
@@ -231,9 +286,12 @@ def write_entry(writer: RankWriter, processor, e: _Entry, counts: Counter) -> No
         except Exception as exc:  # a bad item never stops the run; reported like a prepare error
             p.error, p.reason = f"{p.item.where}: {type(exc).__name__}: {exc}", classify(exc)
         else:
-            writer.add(p.item.id, tokens, labels)
+            frames = p.prepared.video_frames
+            writer.add(p.item.id, tokens, labels, {"frames": frames} if frames else None)
             counts["records"] += 1
             counts["tokens"] += len(tokens)
+            counts["videos"] += len(frames)
+            counts["frames"] += sum(frames)
             return
     writer.add_error(p.item.id, p.error, p.reason)
     counts[f"error:{p.reason}"] += 1
@@ -246,7 +304,7 @@ def run(args: PretokArgs) -> dict:
     from data.item_processor import ItemProcessor
     from model.tokenizer_bundle import ChameleonTokenizer
 
-    source = open_input(args.in_filename, args.in_format)
+    source = open_input(args.in_filename, args.in_format, args.energon_split)
     if args.image_root is not None and not args.image_root.is_dir():
         raise InputFileError(f"--image_root {args.image_root}: not a directory")
     tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)  # checks the bundle
@@ -254,7 +312,8 @@ def run(args: PretokArgs) -> dict:
     run_info = {"num_items": len(source), "in_format": source.format, "target_size": args.target_size,
                 "tokenizer_sha256": bundle_fingerprint(args.tokenizer_dir),
                 "in_filename": str(args.in_filename.resolve()), "tokenizer_dir": str(args.tokenizer_dir.resolve()),
-                "image_root": None if args.image_root is None else str(args.image_root.resolve())}
+                "image_root": None if args.image_root is None else str(args.image_root.resolve()),
+                **output_settings(args)}
     with RankWriter.open(args.out_dir, args.rank, args.splits, ids, run_info) as writer:
         if writer.finished:
             logger.info("%s: already finished (%s exists); nothing to do", tag,
@@ -267,7 +326,7 @@ def run(args: PretokArgs) -> dict:
                     f"; resuming at id {st.next_id}, {st.num_records} records and {st.num_errors} errors "
                     f"kept" + (", a torn last line dropped" if st.torn else "") if st.next_id > ids.start else "")
 
-        processor = ItemProcessor(tokenizer, args.target_size)
+        processor = ItemProcessor(tokenizer, args.target_size, args.image_fit, video_sampling(args))
         base_dir = args.image_root if args.image_root is not None else source.base_dir
         items = (it for it in source.iter_items(range(st.next_id, ids.stop)) if it.id not in st.skip)
         # The worker pool forks here, before the VQGAN is loaded and torch starts its thread pools.
@@ -314,10 +373,12 @@ def run(args: PretokArgs) -> dict:
     steady = t_end - (t_first or t_end)
     images_per_s = batcher.images_done / steady if steady > 0 else 0.0
     rejected = {k[len("error:"):]: v for k, v in counts.items() if k.startswith("error:")}
-    logger.info("%s done. This run: %d records, %d rejected%s, %d tokens; %d images in %.1f s = %.2f images/s "
+    videos = (f" ({counts['frames']} of them frames of {counts['videos']} videos)" if counts["videos"] else "")
+    settings = "".join(f", {k} {v}" for k, v in output_settings(args).items())
+    logger.info("%s done%s. This run: %d records, %d rejected%s, %d tokens; %d images%s in %.1f s = %.2f images/s "
                 "(VQGAN busy %.1f s; start-up %.1f s not counted). Rank total: %d records, %d rejected%s, "
-                "%d tokens; errors in %s", tag, counts["records"], sum(rejected.values()), _by_reason(rejected),
-                counts["tokens"], batcher.images_done, steady, images_per_s, batcher.encode_seconds,
+                "%d tokens; errors in %s", tag, settings, counts["records"], sum(rejected.values()),
+                _by_reason(rejected), counts["tokens"], batcher.images_done, videos, steady, images_per_s, batcher.encode_seconds,
                 (t_first or t_end) - t_start, summary["records"], summary["errors"],
                 _by_reason(summary["errors_by_reason"]), summary["tokens"],
                 args.out_dir / f"{args.rank}-of-{args.splits}-errors.jsonl")

@@ -273,6 +273,28 @@ def test_help_explains_every_flag(capsys):
         assert flag in text
 
 
+def test_help_prints_the_examples_pasteable_with_their_line_continuations(capsys):
+    with pytest.raises(SystemExit):
+        PretokArgs.parse(["-h"])
+    text = capsys.readouterr().out
+    assert "--target_size 256 \\\n        --tokenizer_dir /tmp/tiny_bundle --device cpu" in text
+
+
+def test_tokenizer_dir_defaults_to_luminas_ckpts_directory_or_names_it_when_missing(tiny_bundle, tmp_path,
+                                                                                   monkeypatch, capsys):
+    base = ["--in_filename", "x.json", "--out_dir", "o"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        PretokArgs.parse(base)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "ckpts/chameleon/tokenizer does not exist" in err and "--tokenizer_dir" in err
+    (tmp_path / "ckpts" / "chameleon").mkdir(parents=True)
+    (tmp_path / "ckpts" / "chameleon" / "tokenizer").symlink_to(tiny_bundle)
+    assert PretokArgs.parse(base).tokenizer_dir == Path("ckpts/chameleon/tokenizer")
+    assert PretokArgs.parse(base + ["--tokenizer_dir", "b"]).tokenizer_dir == Path("b")
+
+
 def test_rank_and_splits_default_from_slurm_then_torchrun_environment(monkeypatch):
     base = ["--in_filename", "x.json", "--out_dir", "o", "--tokenizer_dir", "b"]
     for k in ("SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
