@@ -392,8 +392,8 @@ def _open_metrics(a: TrainArgs, out: Path, rank: int, resumed_step: int | None) 
             sinks = open_dashboards(out, enabled=True, tensorboard=a.tensorboard, wandb=a.wandb,
                                     wandb_project=a.wandb_project, wandb_run_name=a.wandb_run_name,
                                     wandb_mode=a.wandb_mode, config=dataclasses.asdict(a), resumed_step=resumed_step)
-        except DashboardError as e:
-            sinks = e
+        except (DashboardError, OSError) as e:
+            sinks = e if isinstance(e, DashboardError) else DashboardError(f"dashboards in {out}: {e}")
     _broadcast(sinks if isinstance(sinks, Exception) else None, rank)
     return MetricsWriter(out, enabled=rank == 0, sinks=sinks)
 
@@ -404,6 +404,17 @@ def _build_evaluator(a: TrainArgs, rank: int, world: int, device: torch.device, 
     val = EvalData.build(a.val_data_config, max_seq_len=a.max_seq_len, batch_size=a.batch_size,
                          eval_items=a.eval_items, seed=a.seed, pad_id=pad_id, world_size=world, rank=rank)
     return Evaluator(val, val.type_names, every=a.eval_every, z_loss_weight=a.z_loss_weight, device=device)
+
+
+def _checked_train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro: list[dict], *, a: TrainArgs,
+                        device: torch.device, lr: float, n_params_no_embed: int, out: Path, where: str) -> dict:
+    """train_step; when it stops the run, the message names the step and the checkpoint left intact."""
+    try:
+        return train_step(lm, optimizer, micro, a=a, device=device, lr=lr, n_params_no_embed=n_params_no_embed)
+    except TrainingStopped as e:
+        last = ckpt.latest_checkpoint(out)
+        raise TrainingStopped(f"{where}: {e}; stopping before the update. Newest checkpoint, left intact: "
+                              f"{last if last is not None else 'none'}") from None
 
 
 def _next_global_batch(batches, accum_iter: int, where: str) -> list[dict]:
@@ -569,17 +580,11 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                     logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
                                 "forward, backward or update", where, skip, batch_type)
                 else:
-                    try:
-                        m = train_step(lm, optimizer, micro, a=a, device=device, lr=lr,
-                                       n_params_no_embed=n_params_no_embed)
-                    except TrainingStopped as e:
-                        last = ckpt.latest_checkpoint(out)
-                        raise TrainingStopped(f"{where}: {e}; stopping before the update. Newest checkpoint, left "
-                                              f"intact: {last if last is not None else 'none'}") from None
-                    row = _step_row(m, step=global_step + 1, epoch=epoch, it=it_in_epoch + 1, lr=lr,
-                                    dt=time.perf_counter() - t0, t_data=t_data, world=world, device=device,
-                                    batch_type=batch_type)
-                    row.update(type_loss.update(batch_type, m["loss"]))
+                    m = _checked_train_step(lm, optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
+                                            n_params_no_embed=n_params_no_embed)
+                    row = {**_step_row(m, step=global_step + 1, epoch=epoch, it=it_in_epoch + 1, lr=lr,
+                                       dt=time.perf_counter() - t0, t_data=t_data, world=world, device=device,
+                                       batch_type=batch_type), **type_loss.update(batch_type, m["loss"])}
                 global_step += 1
                 it_in_epoch += 1
                 if evaluator is not None and evaluator.due(global_step, epoch_end=it_in_epoch == spe):

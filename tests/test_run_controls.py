@@ -12,7 +12,7 @@ from model.export_hf import load_lm_from_checkpoint
 from model.run_controls import SkipRanges
 from test_trainer import DROPOUT_FLAGS, assets, metrics, run_dropout, solve  # noqa: F401 - fixtures
 
-SKIP = ("--skip_iterations", "3-4")
+SKIP = ("--skip_iterations", "3-4", "--deterministic")
 
 
 def test_skip_ranges_parse_inclusive_ranges_and_single_steps_and_refuse_bad_ones(assets, capsys):  # noqa: F811
@@ -33,6 +33,16 @@ def test_skip_ranges_parse_inclusive_ranges_and_single_steps_and_refuse_bad_ones
     assert "--deterministic turns TF32 off" in capsys.readouterr().err
     a = finetune_solver.parse_args(["--data_config", str(assets["data"]), "--skip_iterations", "1-2", "9"])
     assert a.skip_iterations == ["1-2", "9"]
+    text = finetune_solver.build_parser().format_help()
+    for f in ("--skip_iterations", "--deterministic", "--no_deterministic", "--tensorboard", "--no_tensorboard",
+              "--wandb", "--no_wandb", "--wandb_project", "--wandb_run_name", "--wandb_mode", "--type_loss_window",
+              "--val_data_config", "--eval_every", "--eval_items"):
+        assert f in text, f
+    for bad, msg in ((["--eval_every", "3"], "need --val_data_config"), (["--type_loss_window", "0"], ">= 1"),
+                     (["--val_data_config", "/nonexistent.yaml"], "no such file")):
+        with pytest.raises(SystemExit):
+            finetune_solver.parse_args(["--data_config", str(assets["data"]), *bad])
+        assert msg in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,7 @@ def test_skipped_steps_consume_their_batches_without_training_and_leave_the_data
     for s in skipped:  # same global batch at every later step (same labelled tokens, same type), same lr
         assert (skipped[s]["tokens"], skipped[s]["type"], skipped[s]["lr"]) == (full[s]["tokens"], full[s]["type"],
                                                                                  full[s]["lr"]), s
-    for s in (1, 2):
+    for s in (1, 2):  # (--deterministic does not change the CPU kernels' results)
         assert skipped[s]["loss"] == full[s]["loss"]
     assert skipped[5]["loss"] != full[5]["loss"]  # steps 3-4 did not train
     # no update in steps 3-4: the weights after step 4 are those after step 2 of the unskipped run
