@@ -141,7 +141,7 @@ class TrainArgs:
                                    "that data-config type")
     # validation loss (model/evaluation.py, data/eval_data.py)
     val_data_config: str | None = _f(None, "data config YAML of held-out records (training format; ratio ignored): "
-                                           "val_loss and val_loss/{type} at each epoch end and every --eval_every steps")
+                                           "val_loss, val_loss/{type} at each epoch end and every --eval_every steps")
     eval_every: int = _f(0, "evaluate on --val_data_config every this many optimizer steps (0: at epoch ends only)")
     eval_items: int | None = _f(None, "evaluate on this many held-out records (the same ones every time; default: all)")
 

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median)")
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no_fill", action="store_true",
+                   help="deterministic variant without torch.utils.deterministic.fill_uninitialized_memory (to see "
+                        "how much of the cost is the NaN fill of new tensors)")
     p.add_argument("--lumina_loss", action="store_true",
                    help="Lumina 7B's loss settings (unmasked image logits, z-loss 1e-5, dropout 0.05)")
     a = p.parse_args(argv)
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def timed(deterministic: bool) -> tuple[float, float]:
         restore = enable_determinism() if deterministic else None
+        torch.utils.deterministic.fill_uninitialized_memory = not a.no_fill
         try:
             w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if restore is not None:
                 restore()
+            torch.utils.deterministic.fill_uninitialized_memory = True
 
     timed(False), timed(True)  # warmup
     rows = []
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {r}: wall: default {base[0]:.0f} tok/s, deterministic {det[0]:.0f} tok/s, ratio "
               f"{det[0] / base[0]:.3f}; cpu ratio {det[1] / base[1]:.3f}", flush=True)
     print(f"hidden {a.hidden}, {a.layers} layers, vocab {vocab}, batch {a.batch}x{a.seq}, fp32, "
-          f"{torch.get_num_threads()} threads, loss settings: {'Lumina 7B' if a.lumina_loss else 'defaults'}")
+          f"{torch.get_num_threads()} threads, loss settings: {'Lumina 7B' if a.lumina_loss else 'defaults'}"
+          f"{', no NaN fill' if a.no_fill else ''}")
     for i, clock in enumerate(("wall", "cpu")):
         ratios = [d[i] / b[i] for b, d in rows]
         print(f"{clock} clock: median default {statistics.median(b[i] for b, _ in rows):.0f} tok/s, deterministic "

@@ -53,9 +53,8 @@ def run_skip(assets, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_skipped_steps_consume_their_batches_without_training_and_leave_the_data_order_unchanged(run_skip,
-                                                                                                 run_dropout, assets,  # noqa: F811
-                                                                                                 tmp_path):
+def test_skipped_steps_consume_their_batches_without_training_and_leave_the_data_order_unchanged(
+        run_skip, run_dropout, assets, tmp_path):  # noqa: F811
     full, skipped = metrics(run_dropout), metrics(run_skip)
     assert sorted(skipped) == [1, 2, 5, 6, 7, 8]  # no row for a skipped step
     for s in skipped:  # same global batch at every later step (same labelled tokens, same type), same lr
@@ -71,7 +70,8 @@ def test_skipped_steps_consume_their_batches_without_training_and_leave_the_data
     assert after_skip.keys() == before.keys()
     assert all(torch.equal(after_skip[k], before[k]) for k in before)
     log = (run_skip / "common.log").read_text()
-    assert "step 3 (epoch 0, iter 3): skipped (--skip_iterations 3-4)" in log and "step 4 (epoch 0, iter 4): skipped" in log
+    assert "step 3 (epoch 0, iter 3): skipped (--skip_iterations 3-4)" in log
+    assert "step 4 (epoch 0, iter 4): skipped" in log
 
 
 @pytest.mark.slow
