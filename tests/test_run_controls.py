@@ -12,7 +12,7 @@ from model.export_hf import load_lm_from_checkpoint
 from model.run_controls import SkipRanges
 from test_trainer import DROPOUT_FLAGS, assets, metrics, run_dropout, solve  # noqa: F401 - fixtures
 
-SKIP = ("--skip_iterations", "3-4", "--deterministic")
+SKIP = ("--skip_iterations", "3-4")
 
 
 def test_skip_ranges_parse_inclusive_ranges_and_single_steps_and_refuse_bad_ones(assets, capsys):  # noqa: F811
@@ -60,7 +60,7 @@ def test_skipped_steps_consume_their_batches_without_training_and_leave_the_data
     for s in skipped:  # same global batch at every later step (same labelled tokens, same type), same lr
         assert (skipped[s]["tokens"], skipped[s]["type"], skipped[s]["lr"]) == (full[s]["tokens"], full[s]["type"],
                                                                                  full[s]["lr"]), s
-    for s in (1, 2):  # (--deterministic does not change the CPU kernels' results)
+    for s in (1, 2):
         assert skipped[s]["loss"] == full[s]["loss"]
     assert skipped[5]["loss"] != full[5]["loss"]  # steps 3-4 did not train
     # no update in steps 3-4: the weights after step 4 are those after step 2 of the unskipped run
@@ -88,11 +88,14 @@ def test_resume_inside_and_after_a_skipped_range_is_bitwise(assets, run_skip, tm
 
 
 @pytest.mark.slow
-def test_deterministic_runs_with_two_loader_workers_give_bitwise_identical_losses(assets, tmp_path):  # noqa: F811
-    flags = (*DROPOUT_FLAGS, "--deterministic", "--num_workers", "2", "--max_steps", "4", "--no_export_hf")
-    solve(assets, tmp_path / "a", *flags)
+def test_deterministic_runs_with_two_loader_workers_give_bitwise_identical_losses_also_across_a_resume(
+        assets, tmp_path):  # noqa: F811
+    flags = (*DROPOUT_FLAGS, "--deterministic", "--num_workers", "2", "--no_export_hf")
+    solve(assets, tmp_path / "a", *flags, "--max_steps", "4")
     assert not torch.are_deterministic_algorithms_enabled()  # put back when the run ends
-    solve(assets, tmp_path / "b", *flags)
+    solve(assets, tmp_path / "b", *flags, "--max_steps", "2")
+    solve(assets, tmp_path / "b", *flags, "--max_steps", "4")  # resumes from epoch0-iter2
+    assert "resuming from" in (tmp_path / "b" / "common.log").read_text()
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
