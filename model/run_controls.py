@@ -13,9 +13,11 @@ deterministic implementation raises instead of running), and what CUDA needs for
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before CUDA is first used (cuBLAS otherwise picks
 workspaces per stream nondeterministically), TF32 off for matmuls and cuDNN, cuDNN in deterministic mode
 without autotuning, and scaled-dot-product attention on its math backend only (the flash and memory-
-efficient kernels' backward passes accumulate with atomics). On a CPU the training step is already
-reproducible run to run (tests/test_run_controls.py checks two runs bitwise); the flag makes that a
-guarantee and extends it to GPUs, at a cost measured in bench/RESULTS.md.
+efficient kernels' backward passes accumulate with atomics). On a CPU our runs were reproducible run to
+run without it (tests/test_evaluation.py compares two such runs bitwise); the flag makes that a guarantee
+and extends it to GPUs (tests/test_run_controls.py: two --deterministic runs with 2 loader workers, one
+stopped and resumed, are bitwise equal), at a cost measured in bench/RESULTS.md. Attention then runs the
+math kernel on a CPU too, so losses differ in the last digits from a run without the flag.
 """
 
 from __future__ import annotations
