@@ -49,6 +49,12 @@ from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, sa
 from model.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
 from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
                            setup_logging, teardown_logging)
+from data.eval_data import EvalData
+from model.dashboards import DashboardError, missing_packages, open_dashboards
+from model.evaluation import Evaluator
+from model.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
+                           reset_peak_memory, setup_logging, teardown_logging)
+from model.run_controls import SkipRanges, enable_determinism
 from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
 from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
@@ -133,9 +139,33 @@ class TrainArgs:
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated linear layers of each decoder layer that "
                                                            "get LoRA: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    # skipped steps and determinism (model/run_controls.py)
+    skip_iterations: list[str] | None = _f(None, "optimizer steps whose global batches are consumed from the sampler "
+                                                 "but not trained on (no forward, backward or update; Megatron's "
+                                                 "--skip-train-iteration-range): 1-based inclusive START-END ranges "
+                                                 "or single steps, e.g. 100-110 300-400", nargs="+")
+    deterministic: bool = _f(False, "deterministic algorithms only: torch.use_deterministic_algorithms, "
+                                    "CUBLAS_WORKSPACE_CONFIG, no TF32, deterministic cuDNN, math attention "
+                                    "(slower; see README)", neg="--no_deterministic")
+    # dashboards and per-type curves (model/dashboards.py, model/metrics.py)
+    tensorboard: bool = _f(False, "write every metrics.jsonl scalar to TensorBoard event files in "
+                                  "OUTPUT_DIR/tensorboard/ (pip install -e .[dashboards])", neg="--no_tensorboard")
+    wandb: bool = _f(False, "log every metrics.jsonl scalar to Weights & Biases; a resumed run continues the "
+                            "same W&B run (pip install -e .[dashboards])", neg="--no_wandb")
+    wandb_project: str = _f("lumina-stack", "W&B project (with --wandb)")
+    wandb_run_name: str | None = _f(None, "W&B run name (with --wandb; default: W&B's generated name)")
+    wandb_mode: str | None = _f(None, "W&B mode (with --wandb): online, or offline (no network; upload later with "
+                                      "`wandb sync`); default: WANDB_MODE, else online", choices=["online", "offline"])
+    type_loss_window: int = _f(10, "metrics.jsonl loss/{type}: mean loss of the last this many trained steps of "
+                                   "that data-config type")
+    # validation loss (model/evaluation.py, data/eval_data.py)
+    val_data_config: str | None = _f(None, "data config YAML of held-out records (training format; ratio ignored): "
+                                           "val_loss, val_loss/{type} at each epoch end and every --eval_every steps")
+    eval_every: int = _f(0, "evaluate on --val_data_config every this many optimizer steps (0: at epoch ends only)")
+    eval_items: int | None = _f(None, "evaluate on this many held-out records (the same ones every time; default: all)")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "list[str] | None": str}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{md['help']} (default: {'on' if f.default else 'off'})")
             p.add_argument(neg, dest=f.name, action="store_false", help=f"turn {f'--{f.name}'} off")
         else:
-            p.add_argument(f"--{f.name}", dest=f.name, type=_TYPES[f.type], default=f.default,
+            p.add_argument(f"--{f.name}", dest=f.name, type=_TYPES[f.type], default=f.default, nargs=md.get("nargs"),
                            choices=md.get("choices"), help=f"{md['help']} (default: {f.default})")
     return p
 
@@ -209,6 +239,30 @@ def validate_args(a: TrainArgs) -> list[str]:
     if a.trainable is not None and not [e for e in a.trainable.split(",") if e.strip()]:
         bad.append(f"--trainable {a.trainable!r}: give presets or globs, e.g. image_head or 'model.layers.*.mlp.*'")
     bad += lora_flag_problems(a)
+    bad += _validate_observability(a)
+    return bad
+
+
+def _validate_observability(a: TrainArgs) -> list[str]:
+    """Problems with --skip_iterations, --deterministic, the dashboards and validation flags."""
+    bad = []
+    try:
+        SkipRanges.parse(a.skip_iterations)
+    except ValueError as e:
+        bad.append(str(e))
+    if a.deterministic and a.precision == "tf32":
+        bad.append("--deterministic turns TF32 off; it cannot be combined with --precision tf32 (use fp32)")
+    bad += missing_packages(a.tensorboard, a.wandb)
+    if a.type_loss_window < 1:
+        bad.append(f"--type_loss_window must be >= 1 (got {a.type_loss_window})")
+    if a.val_data_config is not None and not Path(a.val_data_config).is_file():
+        bad.append(f"--val_data_config {a.val_data_config}: no such file")
+    if a.eval_every < 0:
+        bad.append(f"--eval_every must be >= 0 (got {a.eval_every})")
+    if a.eval_items is not None and a.eval_items < 1:
+        bad.append(f"--eval_items must be >= 1 (got {a.eval_items})")
+    if a.val_data_config is None and (a.eval_every or a.eval_items is not None):
+        bad.append("--eval_every / --eval_items need --val_data_config (the held-out records to evaluate on)")
     return bad
 
 
@@ -359,6 +413,55 @@ def train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro_batches:
             "real_tokens": real_tot, "flops": flops_tot}
 
 
+def _open_metrics(a: TrainArgs, out: Path, rank: int, resumed_step: int | None) -> MetricsWriter:
+    """metrics.jsonl and the dashboards asked for (rank 0); a dashboard that cannot start stops every rank."""
+    sinks: object = []
+    if rank == 0:
+        try:
+            sinks = open_dashboards(out, enabled=True, tensorboard=a.tensorboard, wandb=a.wandb,
+                                    wandb_project=a.wandb_project, wandb_run_name=a.wandb_run_name,
+                                    wandb_mode=a.wandb_mode, config=dataclasses.asdict(a), resumed_step=resumed_step)
+        except (DashboardError, OSError) as e:
+            sinks = e if isinstance(e, DashboardError) else DashboardError(f"dashboards in {out}: {e}")
+    _broadcast(sinks if isinstance(sinks, Exception) else None, rank)
+    return MetricsWriter(out, enabled=rank == 0, sinks=sinks)
+
+
+def _build_evaluator(a: TrainArgs, rank: int, world: int, device: torch.device, pad_id: int) -> Evaluator | None:
+    if a.val_data_config is None:
+        return None
+    val = EvalData.build(a.val_data_config, max_seq_len=a.max_seq_len, batch_size=a.batch_size,
+                         eval_items=a.eval_items, seed=a.seed, pad_id=pad_id, world_size=world, rank=rank)
+    return Evaluator(val, val.type_names, every=a.eval_every, z_loss_weight=a.z_loss_weight, device=device)
+
+
+def _checked_train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro: list[dict], *, a: TrainArgs,
+                        device: torch.device, lr: float, n_params_no_embed: int, out: Path, where: str) -> dict:
+    """train_step; when it stops the run, the message names the step and the checkpoint left intact."""
+    try:
+        return train_step(lm, optimizer, micro, a=a, device=device, lr=lr, n_params_no_embed=n_params_no_embed)
+    except TrainingStopped as e:
+        last = ckpt.latest_checkpoint(out)
+        raise TrainingStopped(f"{where}: {e}; stopping before the update. Newest checkpoint, left intact: "
+                              f"{last if last is not None else 'none'}") from None
+
+
+def _next_global_batch(batches, accum_iter: int, where: str) -> list[dict]:
+    try:
+        return [next(batches) for _ in range(accum_iter)]
+    except (RecordFormatError, OSError) as e:  # e.g. a data file deleted mid-run (also from a worker)
+        raise TrainingStopped(f"{where}: cannot read the training data: {e}") from e
+
+
+def _step_row(m: dict, *, step: int, epoch: int, it: int, lr: float, dt: float, t_data: float, world: int,
+              device: torch.device, batch_type: str) -> dict:
+    """The metrics.jsonl row of a trained step (model/metrics.py lists the keys)."""
+    return {"step": step, "epoch": epoch, "iter": it, "lr": lr, "loss": m["loss"], "closs": m["closs"],
+            "z_loss": m["z_loss"], "grad_norm": m["grad_norm"], "time": dt, "data_time": t_data,
+            "tokens_per_sec": m["real_tokens"] / dt / world, "tflops": m["flops"] / dt / world / 1e12,
+            "memory": peak_memory_mb(device), "tokens": m["tokens"], "type": batch_type}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -429,7 +532,9 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
 
     # data
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per machine; a file lock dedups shared FSs
-        build_indexes(a.data_config)
+        for cfg_path in (a.data_config, a.val_data_config):
+            if cfg_path is not None:
+                build_indexes(cfg_path)
     dist.barrier()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     data = build_train_data(a.data_config, max_seq_len=a.max_seq_len, micro_batch_size=a.batch_size,
@@ -439,6 +544,10 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     if data.sampler.steps_per_epoch < 1:
         raise TrainingStopped(f"--data_config {a.data_config}: {len(data.dataset)} items make no global batch of "
                               f"{global_batch}; lower --batch_size / --accum_iter or add data")
+
+    evaluator = _build_evaluator(a, rank, world, device, pad_id)
+    skip = SkipRanges.parse(a.skip_iterations)
+    type_loss = TypeLoss(a.type_loss_window)
 
     # resume state
     start_epoch, global_step, pending_rng = 0, 0, None
@@ -451,6 +560,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         data.sampler.load_state_dict(st["sampler"])
         start_epoch = st["epoch"] + 1 if st["epoch_done"] else st["epoch"]
         global_step = st["global_step"]
+        type_loss.load_state_dict(st.get("type_loss", {}))
         pending_rng = ckpt.load_rng(resume, rank) if st["world_size"] == world else None
         if pending_rng is None:
             logger.warning("checkpoint written by %d ranks, now %d: RNG streams restart from the seed",
@@ -460,7 +570,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     def save(name: str, epoch: int, it: int, epoch_done: bool) -> Path:
         state = {"epoch": epoch, "iter": it, "global_step": global_step, "epoch_done": epoch_done,
                  "sampler": data.sampler.state_dict(), "world_size": world, "global_batch_size": global_batch,
-                 "steps_per_epoch": data.sampler.steps_per_epoch, **base_record}
+                 "steps_per_epoch": data.sampler.steps_per_epoch, "type_loss": type_loss.state_dict(), **base_record}
         export = None
         if epoch_done and a.export_hf:
             def export(path: Path) -> None:
@@ -480,13 +590,15 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     partial_saves = saved_model_keys(lm, a.only_save_trainable) is not None  # else it holds every tensor anyway
     base_record = base_model_record(model_dir, partial_saves) if rank == 0 else {}
 
-    metrics = MetricsWriter(out, enabled=rank == 0)
+    metrics = _open_metrics(a, out, rank, resumed_step=global_step if resume is not None else None)
     lm.train()
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
     total_steps = a.epochs * spe
     stop = a.max_steps is not None and global_step >= a.max_steps
     logger.info("training from epoch %d, step %d of %d (%d steps per epoch)", start_epoch, global_step, total_steps, spe)
+    if skip:
+        logger.info("--skip_iterations: steps %s will be consumed without training", skip)
     try:
         for epoch in range(start_epoch, a.epochs):
             if stop:
@@ -504,32 +616,31 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                     break
                 reset_peak_memory(device)
                 t0 = time.perf_counter()
-                try:
-                    micro = [next(batches) for _ in range(a.accum_iter)]
-                except (RecordFormatError, OSError) as e:  # e.g. a data file deleted mid-run (also from a worker)
-                    raise TrainingStopped(f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1}): cannot "
-                                          f"read the training data: {e}") from e
+                where = f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1})"
+                batch_type = data.dataset.type_names[data.sampler.type_of_step(it_in_epoch)]
+                micro = _next_global_batch(batches, a.accum_iter, where)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
-                try:
-                    m = train_step(lm, optimizer, micro, a=a, device=device, lr=lr,
-                                   n_params_no_embed=n_params_no_embed)
-                except TrainingStopped as e:
-                    last = ckpt.latest_checkpoint(out)
-                    raise TrainingStopped(f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1}): {e}; "
-                                          f"stopping before the update. Newest checkpoint, left intact: "
-                                          f"{last if last is not None else 'none'}") from None
-                dt = time.perf_counter() - t0
+                row = None
+                if global_step + 1 in skip:
+                    logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
+                                "forward, backward or update", where, skip, batch_type)
+                else:
+                    m = _checked_train_step(lm, optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
+                                            n_params_no_embed=n_params_no_embed)
+                    row = {**_step_row(m, step=global_step + 1, epoch=epoch, it=it_in_epoch + 1, lr=lr,
+                                       dt=time.perf_counter() - t0, t_data=t_data, world=world, device=device,
+                                       batch_type=batch_type), "trainable_params": n_trainable,
+                           **type_loss.update(batch_type, m["loss"])}
                 global_step += 1
                 it_in_epoch += 1
-                if global_step % a.log_every == 0:
-                    row = {"step": global_step, "epoch": epoch, "iter": it_in_epoch, "lr": lr, "loss": m["loss"],
-                           "closs": m["closs"], "z_loss": m["z_loss"], "grad_norm": m["grad_norm"], "time": dt,
-                           "data_time": t_data, "tokens_per_sec": m["real_tokens"] / dt / world,
-                           "tflops": m["flops"] / dt / world / 1e12, "memory": peak_memory_mb(device),
-                           "tokens": m["tokens"], "trainable_params": n_trainable}
+                if evaluator is not None and evaluator.due(global_step, epoch_end=it_in_epoch == spe):
+                    row = {**(row or {"step": global_step, "epoch": epoch, "iter": it_in_epoch, "skipped": True}),
+                           **evaluator.run(lm)}
+                if row is not None and (global_step % a.log_every == 0 or "val_loss" in row):
                     metrics.write(row)
-                    logger.info(format_console(row, total_steps))
+                    if "loss" in row:
+                        logger.info(format_console(row, total_steps))
                 epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
                 if (a.save_iteration_interval and it_in_epoch % a.save_iteration_interval == 0
                         and not (it_in_epoch == spe and epoch_save_due)):
@@ -559,12 +670,15 @@ def _read_vq(model_dir: str, config) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    restore_determinism = enable_determinism() if a.deterministic else None  # before CUDA is first used
     try:
         launch = detect_launch_env()
         device = init_distributed(launch, a.dist_timeout)
     except LaunchError as e:
         logging.basicConfig(level=logging.INFO)
         logger.error("%s", e)
+        if restore_determinism is not None:
+            restore_determinism()
         return 2
     rank, world = launch.rank, launch.world_size
     if rank == 0:
@@ -578,12 +692,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(a, rank, world, device)
     except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
-            RecordFormatError, TrainableError, LoraError) as e:
+            RecordFormatError, TrainableError, LoraError, DashboardError) as e:
         logger.error("%s", e)
         code = 1
     finally:
         teardown_logging(handlers)
         cleanup_distributed()
+        if restore_determinism is not None:
+            restore_determinism()
     return code
 
 

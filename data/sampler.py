@@ -187,6 +187,17 @@ class ResumableBatchSampler:
         plan, done = self._plan()
         return plan[max(self.step - done, 0):]
 
+    def type_of_step(self, step: int) -> int:
+        """Index into ``dataset.type_names`` of global batch ``step`` (0-based, not yet consumed) of the
+        current epoch. Reads the cached plan only: no random numbers drawn, position unchanged."""
+        plan, done = self._plan()
+        if not 0 <= step - done < plan.shape[0]:
+            raise IndexError(f"sampler: epoch {self.epoch} has no global batch {step} to come "
+                             f"(steps {done}..{done + plan.shape[0] - 1})")
+        item = int(plan[step - done, 0])
+        starts = [start for start, _ in self.dataset.source_ranges]
+        return self.dataset.source_type[int(np.searchsorted(starts, item, side="right")) - 1]
+
     @property
     def steps_per_epoch(self) -> int:
         """Global batches in the current epoch (consumed ones included)."""

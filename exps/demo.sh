@@ -11,7 +11,8 @@
 #    that mixes the two record sets with a ratio
 # 4. training with 2-process FSDP on CPU (torchrun, gloo): the first half, stop, then resume from the
 #    checkpoint for the second half; the demo fails unless the loss falls below LOSS_TARGET
-# 5. a loss-curve PNG from metrics.jsonl, one inspected item, the HF export, and where everything is
+# 5. loss curves per data type (captions vs text-to-image) with the learning rate, from metrics.jsonl
+#    (matplotlib), one inspected item, the HF export, and where everything is
 #
 # Everything goes under $OUT (default output/demo). Running it again is safe: finished stages are
 # skipped or redone to the same result (pre-tokenization and training resume rather than repeat).
@@ -82,7 +83,7 @@ ls -d "$OUT"/train/epoch* | sed 's/^/   /'
 train "$STEPS"
 
 say "5/5 loss curve, one inspected item, HF export"
-$PYTHON exps/plot_loss.py "$OUT/train/metrics.jsonl" --out "$OUT/loss.png"
+$PYTHON exps/plot_loss.py "$OUT/train/metrics.jsonl" --labels demo --out "$OUT/loss.png"  # a curve per type
 $PYTHON pre_tokenize/inspect_record.py "$OUT/tokens/caption/record.json" --ids 0 \
   --tokenizer_dir "$OUT/bundle" --render "$OUT/inspect"
 last_ckpt=$(ls -d "$OUT"/train/epoch* | sort -V | tail -n 1)
@@ -106,7 +107,7 @@ Done. Everything is under $OUT:
   tokens/          per-rank shards, records, errors; record.json + record.json.index/ per data set
   data.yaml        the data config (caption ratio 1.0, t2i ratio 0.5)
   train/           metrics.jsonl, common.log, rank-N.log, checkpoints $(ls -d "$OUT"/train/epoch* | xargs -n1 basename | tr '\n' ' ')
-  loss.png         the loss curve;   inspect/  the images of item 0 decoded from its tokens
+  loss.png         loss per type and lr;   inspect/  the images of item 0 decoded from its tokens
   hf_model/        the trained model, loadable with ChameleonForConditionalGeneration.from_pretrained
 
 Mean loss of the last 5 logged steps: $final (target: below $LOSS_TARGET)

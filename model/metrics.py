@@ -1,4 +1,5 @@
-"""Training logs: ``common.log`` / ``rank-N.log`` handlers, ``metrics.jsonl``, TensorBoard when installed.
+"""Training logs: ``common.log`` / ``rank-N.log`` handlers, ``metrics.jsonl`` (and the dashboards of
+model/dashboards.py, fed the same rows), the running loss per batch type.
 
 ``metrics.jsonl`` (rank 0 appends one JSON object per logged step; a resumed run appends to the same file,
 so a step may appear twice and the last line wins):
@@ -18,6 +19,16 @@ so a step may appear twice and the last line wins):
                     resident set size so far (VmHWM)
     tokens          labelled tokens in the global batch (the loss denominator)
     trainable_params  parameters that train (--trainable / --lora_rank; rows count for row-level presets)
+    type            the data-config ``type`` of the step's global batch (a global batch holds one type)
+    loss/{type}     running loss of that type: the mean of ``loss`` over the last --type_loss_window
+                    trained steps of this type (this step included; windowed, not exponential). In a mixed
+                    run consecutive steps alternate between types whose losses differ a lot, so one curve
+                    of ``loss`` zigzags; one curve per type does not. Only the row's own type is written.
+    val_loss        (rows of steps with an evaluation, see model/evaluation.py) loss over the held-out
+    val_loss/{type} records of --val_data_config, all types / per type; val_tokens: labelled tokens in it
+
+A step is written when ``step % --log_every == 0`` or when it has an evaluation (one row per step: the
+evaluation's keys join the step's row). Skipped steps (--skip_iterations) write no row.
 """
 
 from __future__ import annotations
@@ -89,33 +100,47 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 class MetricsWriter:
-    """Rank 0's sink for per-step metrics: metrics.jsonl, and TensorBoard if the package is installed."""
+    """Rank 0's sink for per-step metrics: metrics.jsonl, then each dashboard of ``sinks`` (objects with
+    ``log(row)`` and ``close()``, see model/dashboards.py)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, sinks: list | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
-            else:
-                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        self.sinks = list(sinks or []) if enabled else []
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+        for sink in self.sinks:
+            sink.log(row)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+class TypeLoss:
+    """Running loss per batch type: the mean of the last ``window`` losses of each type (``loss/{type}``).
+    Its state goes into the checkpoint, so a resumed run reports the same running means."""
+
+    def __init__(self, window: int):
+        self.window = int(window)
+        self.recent: dict[str, list[float]] = {}
+
+    def update(self, type_name: str, loss: float) -> dict[str, float]:
+        """Adds one step's loss; returns ``{"loss/{type}": running mean}`` for this type."""
+        r = self.recent.setdefault(type_name, [])
+        r.append(float(loss))
+        del r[:-self.window]
+        return {f"loss/{type_name}": sum(r) / len(r)}
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "recent": {t: list(v) for t, v in self.recent.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.recent = {str(t): [float(x) for x in v][-self.window:] for t, v in sd.get("recent", {}).items()}
 
 
 def format_console(row: dict, steps_total: int) -> str:

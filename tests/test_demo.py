@@ -27,6 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and max(steps) == 24  # logged every 2 steps, none twice
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert {r["type"] for r in rows} == {"caption", "t2i"} and all(f"loss/{r['type']}" in r for r in rows)
     for rank in (0, 1):
         for name in ("caption", "t2i"):
             assert (out / "tokens" / name / f"{rank}-of-2-done.json").exists()

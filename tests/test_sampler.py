@@ -248,3 +248,16 @@ def test_loader_state_counts_received_batches_not_prefetched_ones(tmp_path, pack
     assert len(taken) + len(rest) == len(full) == again.sampler.steps_per_epoch * 2
     for a, b in zip(taken + rest, full):
         assert torch.equal(a, b)
+
+
+def test_type_of_step_reads_the_plan_without_moving_the_position_or_the_order():
+    ds = FakeDataset([50, 30], types=["a", "b"])
+    s, fresh = sampler(ds), sampler(ds)
+    for x in (s, fresh):
+        x.set_epoch(1)
+    plan = s.global_batches()
+    types = [s.type_of_step(k) for k in range(s.steps_per_epoch)]
+    assert types == [0 if b[0] < 50 else 1 for b in plan.tolist()] and set(types) == {0, 1}
+    assert s.step == 0 and steps(s) == steps(fresh)
+    with pytest.raises(IndexError, match="no global batch"):
+        s.type_of_step(s.steps_per_epoch)
