@@ -48,6 +48,7 @@ from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_
                            setup_logging, teardown_logging)
 from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
+from model.planner import run_plan
 
 logger = logging.getLogger("finetune_solver")
 
@@ -116,6 +117,15 @@ class TrainArgs:
     export_hf: bool = _f(True, "write an HF-format model into epoch{E}/hf/ at each epoch checkpoint",
                          neg="--no_export_hf")
     log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
+    # memory and compute plan (model/planner.py): --plan prints it for these flags and exits, no GPU needed
+    plan: bool = _f(False, "print the per-rank memory and compute plan of these flags and exit (no data, weights, "
+                           "GPU or process group needed; --data_config not required)", neg="--no_plan")
+    json: bool = _f(False, "with --plan: print the plan as one JSON object (keys in the README)", neg="--no_json")
+    world_size: int | None = _f(None, "with --plan: ranks (GPUs) to plan for; default WORLD_SIZE or SLURM_NTASKS, else 1")
+    gpu_memory_gb: float = _f(80.0, "with --plan: memory of one GPU in GB (1e9 bytes), the verdict's limit")
+    gpu: str = _f("H100", "with --plan: GPU whose peak FLOP/s sets step time and tokens/s",
+                  choices=["H100", "H200", "A100"])
+    mfu: float = _f(0.4, "with --plan: model FLOPs utilisation assumed for step time and tokens/s")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
@@ -179,9 +189,13 @@ def validate_args(a: TrainArgs) -> list[str]:
     if a.model_parallel_size != 1:
         bad.append(f"--model_parallel_size {a.model_parallel_size}: tensor parallelism is not implemented; use 1 "
                    f"(FSDP shards parameters, gradients and optimizer state over all ranks)")
+    if a.plan and (a.world_size is not None and a.world_size < 1 or not 0 < a.mfu <= 1 or a.gpu_memory_gb <= 0):
+        bad.append(f"--plan needs --world_size >= 1, 0 < --mfu <= 1 and --gpu_memory_gb > 0 (got {a.world_size}, "
+                   f"{a.mfu}, {a.gpu_memory_gb})")
     if a.data_config is None:
-        bad.append("--data_config is required (a YAML with META: [{path, type, ratio}])")
-    elif not Path(a.data_config).is_file():
+        if not a.plan:
+            bad.append("--data_config is required (a YAML with META: [{path, type, ratio}])")
+    elif not a.plan and not Path(a.data_config).is_file():
         bad.append(f"--data_config {a.data_config}: no such file")
     if a.resume_path is not None and not Path(a.resume_path).is_dir():
         bad.append(f"--resume_path {a.resume_path}: no such directory")
@@ -515,6 +529,8 @@ def _read_vq(model_dir: str, config) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.plan:
+        return run_plan(a)
     try:
         launch = detect_launch_env()
         device = init_distributed(launch, a.dist_timeout)
