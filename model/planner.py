@@ -24,17 +24,17 @@ How each term is obtained (P = parameters, W = world size, b = bytes of the comp
   foreach step allocates one more fp32 copy of the largest parameter group (``sqrt(exp_avg_sq)``).
   Frozen parameters (``n_trainable`` < all, e.g. LoRA) get no gradient and no optimizer state.
 - Gathered parameters (compute dtype): ``fsdp`` all-gathers one unit at a time and frees it after its
-  forward; the head is kept from its forward to its backward (``reshard_after_forward=False``), and in
-  backward the next layer is prefetched while one is computed and its unsharded gradient is built: head
-  + 2 layers + 1 layer of unsharded gradients at the backward peak. ``sdp`` keeps every unit gathered
-  from forward to backward.
+  forward; the head is kept from its forward to its backward (``reshard_after_forward=False``); in
+  backward the next unit is prefetched while one is computed: head + top layer during the head's
+  backward, two layers during a layer's. ``sdp`` keeps every unit gathered from forward to backward.
 - Activations and the chunked loss: simulated, not guessed. The real decoder (transformers' layers, our
   dropout hooks, the activation-checkpoint wrapper of ``parallelize``) and the real
   ``_ChunkedHeadLoss`` run on FakeTensors (shapes only, no memory, no FLOPs) at the true B, S, hidden
   size and dtype, while a dispatch mode counts the bytes of every tensor storage alive (``_LiveBytes``).
   Two short models (1 and 2 decoder layers) give the per-layer increment; n layers hold
   ``E1 + (n - 1) * (E2 - E1)``. The forward peak (end of the head's chunk loop), the backward peak (head,
-  final norm and top layer; the prefetch and unsharded gradients above are added) and what the loss holds
+  final norm and top layer, each with its gathered units; it includes the layer's unsharded weight
+  gradients, which FSDP builds in the layer's backward before reduce-scattering them) and what the loss holds
   (its fp32 [vocab, hidden] gradient accumulator, the hidden-state gradient, one [chunk, vocab] fp32
   buffer) all come out of the same simulation, with and without ``--checkpointing``.
 - Peak = max(forward peak, backward peak, optimizer step) with the static terms that are alive then.
@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import weakref
+from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,10 +272,8 @@ def simulate_micro_batch(config, *, n_layers: int, batch_size: int, seq_len: int
     with FakeTensorMode(allow_non_fake_inputs=True):
         lm.to_empty(device="cpu")
         lm.reset_nonpersistent_buffers("cpu")
-        # layer weight gradients are FSDP's unsharded gradients, added per unit by the plan; the head's is
-        # computed inside the loss (simulated), and the embedding's keeps the residual stream differentiable
-        for n, p in lm.named_parameters():
-            p.requires_grad_(n.startswith(("lm_head.", "model.embed_tokens.")))
+        # every parameter is trained, so every matmul saves its input; a layer's weight gradients are the
+        # unsharded gradients FSDP builds in that layer's backward (then reduce-scatters and frees)
         layers = lm.model.layers
         if checkpointing:  # exactly as model/parallelize.py wraps them
             for i, layer in enumerate(layers):
@@ -301,7 +300,9 @@ def simulate_micro_batch(config, *, n_layers: int, batch_size: int, seq_len: int
             layers[-2].register_full_backward_pre_hook(before_next_layer)
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
         n_rows = batch_size * (seq_len - 1)  # every target labelled: the worst case
-        with tracker:
+        # transformers decides from the position ids' values whether rows are packed; FakeTensors have no
+        # values, so it would build a [B, 1, S, S] mask that the trainer's unpacked batches never get
+        with mock.patch("transformers.masking_utils.find_packed_sequence_indices", return_value=None), tracker:
             hidden = lm.model(input_ids=ids, use_cache=False).last_hidden_state
             act_end = tracker.live
             # what LMHeadWithLoss.forward does when every position has a target
@@ -424,10 +425,13 @@ class Model:
 
     @classmethod
     def build(cls, init_from: str | None, model_size: str) -> "Model":
+        return cls.from_config(*plan_config(init_from, model_size))
+
+    @classmethod
+    def from_config(cls, config, source: str = "config") -> "Model":
         from model.chameleon_lm import build_chameleon_lm
         from model.optim import no_decay
 
-        config, source = plan_config(init_from, model_size)
         lm = build_chameleon_lm(config, device="meta")
         n = sum(p.numel() for p in lm.parameters())
         decay = sum(p.numel() for name, p in lm.named_parameters() if not no_decay(name, p))
@@ -466,19 +470,23 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
             dropout=s.dropout, z_loss_weight=s.z_loss_weight, mask_image_logits=s.mask_image_logits,
             loss_chunk_size=s.loss_chunk_size)
     act = cache[key].at(s.batch_size)
-    inputs_b = 2 * 8 * s.batch_size * s.max_seq_len  # input_ids + labels (int64) of the micro-batch
+    inputs_b = 2 * 8 * s.batch_size * s.max_seq_len * s.accum_iter  # input_ids + labels (int64) of a step
     grads_carry = grads_b if s.accum_iter > 1 else 0  # earlier micro-batches' gradients
     if s.data_parallel == "fsdp":
         gathered_fwd = b * head_numel
-        gathered_bwd = b * (head_numel + 2 * layer_numel)
+        # backward: the head's (its backward comes first) with the top layer prefetched, then one layer
+        # computed while the next is prefetched; each backward sub-phase with its own simulated peak
+        bwd = max((act.bwd_head_peak + b * (head_numel + layer_numel), b * (head_numel + layer_numel)),
+                  (act.bwd_norm_peak + b * layer_numel, b * layer_numel),
+                  (act.bwd_top_peak + b * 2 * layer_numel, b * 2 * layer_numel))
+        bwd_act, gathered_bwd = bwd[0] - bwd[1], bwd[1]
     else:  # sdp: everything stays gathered from forward to backward
         gathered_fwd = gathered_bwd = b * sum(u.numel for u in units)
-    unsharded_grads_bwd = int(b * layer_numel * frac)
+        bwd_act = act.bwd_peak
     grads_so_far = int(4 * (head.shard_numel(w) + layer_shard) * frac)
     phases = {
         "forward": params_b + optim_b + grads_carry + gathered_fwd + act.fwd_peak + inputs_b,
-        "backward": (params_b + optim_b + max(grads_carry, grads_so_far) + gathered_bwd + unsharded_grads_bwd
-                     + act.bwd_peak + inputs_b),
+        "backward": params_b + optim_b + max(grads_carry, grads_so_far) + gathered_bwd + bwd_act + inputs_b,
         "optimizer_step": params_b + optim_b + grads_b + step_tmp_b,
     }
     peak_phase = max(phases, key=phases.get)
@@ -491,8 +499,7 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
         "grads": grads_b if peak_phase == "optimizer_step" else (
             grads_carry if peak_phase == "forward" else max(grads_carry, grads_so_far)),
         "gathered_params": {"forward": gathered_fwd, "backward": gathered_bwd}.get(peak_phase, 0),
-        "unsharded_grads": unsharded_grads_bwd if peak_phase == "backward" else 0,
-        "activations_and_loss": {"forward": act.fwd_peak, "backward": act.bwd_peak}.get(peak_phase, 0),
+        "activations_and_loss": {"forward": act.fwd_peak, "backward": bwd_act}.get(peak_phase, 0),
         "inputs": inputs_b if peak_phase != "optimizer_step" else 0,
         "optimizer_step_temp": step_tmp_b if peak_phase == "optimizer_step" else 0,
         "allocator_slack": slack,
@@ -502,7 +509,7 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
             "peak_phase": peak_phase, "phases": phases, "breakdown": at_peak,
             "components": {"sharded_params": params_b, "grads": grads_b, "optimizer_states": optim_b,
                            "optimizer_step_temp": step_tmp_b, "gathered_params_forward": gathered_fwd,
-                           "gathered_params_backward": gathered_bwd, "unsharded_grads_backward": unsharded_grads_bwd,
+                           "gathered_params_backward": gathered_bwd,
                            "activations_per_layer": act.per_layer, "activations_decoder": act.decoder,
                            "loss_buffers": act.loss, "activations_forward_peak": act.fwd_peak,
                            "activations_backward_peak": act.bwd_peak, "inputs": inputs_b}}
@@ -656,7 +663,7 @@ def format_plan(p: dict) -> str:
     ]
     labels = {"sharded_params": "sharded parameters (fp32)", "optimizer_states": "AdamW states (fp32 x 2)",
               "grads": "gradients (fp32, sharded)", "gathered_params": "gathered layers (compute dtype, prefetch)",
-              "unsharded_grads": "unsharded layer gradients", "activations_and_loss": "activations + chunked loss",
+              "activations_and_loss": "activations + loss (+ layer grads in bwd)",
               "inputs": "input ids + labels", "optimizer_step_temp": "optimizer step temporaries",
               "allocator_slack": f"allocator slack ({ALLOCATOR_SLACK:.0%})", "cuda_context": "CUDA context + NCCL"}
     for k, v in bd.items():
