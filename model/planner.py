@@ -472,16 +472,19 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
     act = cache[key].at(s.batch_size)
     inputs_b = 2 * 8 * s.batch_size * s.max_seq_len * s.accum_iter  # input_ids + labels (int64) of a step
     grads_carry = grads_b if s.accum_iter > 1 else 0  # earlier micro-batches' gradients
+    # with more than one rank, the head's all-gather buffer stays alive next to the unsharded head that FSDP2
+    # copies out of it, through the head's forward and backward (measured: bench/bench_planner.py, 2 ranks)
+    head_gathered = b * head_numel * (2 if w > 1 else 1)
     if s.data_parallel == "fsdp":
-        gathered_fwd = b * head_numel
+        gathered_fwd = head_gathered
         # backward: the head's (its backward comes first) with the top layer prefetched, then one layer
         # computed while the next is prefetched; each backward sub-phase with its own simulated peak
-        bwd = max((act.bwd_head_peak + b * (head_numel + layer_numel), b * (head_numel + layer_numel)),
+        bwd = max((act.bwd_head_peak + head_gathered + b * layer_numel, head_gathered + b * layer_numel),
                   (act.bwd_norm_peak + b * layer_numel, b * layer_numel),
                   (act.bwd_top_peak + b * 2 * layer_numel, b * 2 * layer_numel))
         bwd_act, gathered_bwd = bwd[0] - bwd[1], bwd[1]
     else:  # sdp: everything stays gathered from forward to backward
-        gathered_fwd = gathered_bwd = b * sum(u.numel for u in units)
+        gathered_fwd = gathered_bwd = b * sum(u.numel for u in units) + head_gathered - b * head_numel
         bwd_act = act.bwd_peak
     grads_so_far = int(4 * (head.shard_numel(w) + layer_shard) * frac)
     phases = {
