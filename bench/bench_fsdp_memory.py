@@ -78,22 +78,27 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
-def run_world(world: int, a) -> list[dict]:
+def run_ranks(argv: list[str], world: int, timeout: float = 600) -> list[dict]:
+    """Runs ``argv`` as ``world`` gloo ranks (torchrun's environment variables, a free port); each rank's
+    last stdout line is a JSON object, returned in rank order."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers",
-            str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(world)]
     rows = []
     for p in procs:
-        out, _ = p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=timeout)
         if p.returncode:
             raise SystemExit(f"rank failed with code {p.returncode}")
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
+
+
+def run_world(world: int, a) -> list[dict]:
+    return run_ranks([sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden),
+                      "--layers", str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel], world)
 
 
 def main(argv: list[str] | None = None) -> None:

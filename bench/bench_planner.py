@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import torch
@@ -47,6 +45,15 @@ def _settings(a, world: int):
     return Settings(batch_size=a.batch_size, accum_iter=a.accum_iter, max_seq_len=a.seq_len, precision="fp32",
                     checkpointing=bool(a.checkpointing), loss_chunk_size=a.loss_chunk_size, world_size=world,
                     mask_image_logits=True)
+
+
+def materialize_random(lm, device: str) -> None:
+    """Allocates a meta-built, sharded model on ``device`` with small random weights (memory, not quality)."""
+    lm.to_empty(device=device)
+    lm.reset_nonpersistent_buffers(device)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.02)
 
 
 def worker(a) -> None:
@@ -76,11 +83,7 @@ def worker(a) -> None:
         ids = torch.randint(8196, vocab, (a.batch_size, a.seq_len), generator=g)
         return {"input_ids": ids, "labels": ids.clone(), "n_real_tokens": torch.tensor(ids.numel())}
 
-    lm.to_empty(device="cpu")
-    lm.reset_nonpersistent_buffers("cpu")
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.normal_(0.0, 0.02)
+    materialize_random(lm, "cpu")
     opt = build_optimizer(lm, lr=1e-4, weight_decay=0.1)
     step = lambda batches: fs.train_step(lm, opt, batches, a=args, device=torch.device("cpu"), lr=1e-4,  # noqa: E731
                                          n_params_no_embed=1)
@@ -114,22 +117,11 @@ def worker(a) -> None:
 
 
 def run_case(a, config: str, world: int, ckpt: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, __file__, "--worker", "--config", config, "--ckpt", str(ckpt), "--batch_size",
-            str(a.batch_size), "--accum_iter", str(a.accum_iter), "--seq_len", str(a.seq_len), "--loss_chunk_size",
-            str(a.loss_chunk_size)] + (["--debug"] if a.debug else [])
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={
-        **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(world)]
-    rows = []
-    for p in procs:
-        out, _ = p.communicate(timeout=1200)
-        if p.returncode:
-            raise SystemExit(f"rank failed with code {p.returncode}")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    return rows
+    from bench_fsdp_memory import run_ranks
+
+    return run_ranks([sys.executable, __file__, "--worker", "--config", config, "--ckpt", str(ckpt), "--batch_size",
+                      str(a.batch_size), "--accum_iter", str(a.accum_iter), "--seq_len", str(a.seq_len),
+                      "--loss_chunk_size", str(a.loss_chunk_size)] + (["--debug"] if a.debug else []), world, 1200)
 
 
 def predict(a, config: str, world: int, ckpt: int) -> dict:

@@ -60,6 +60,7 @@ def section_train(a) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     sys.path.insert(0, str(REPO / "bench"))
+    from bench_planner import materialize_random
     from bench_train_step import load_solver
     from model.chameleon_lm import build_chameleon_lm
     from model.metrics import flops_per_token
@@ -75,11 +76,7 @@ def section_train(a) -> None:
     st = Settings(**TRAIN_SETTINGS, world_size=1)
     lm = build_chameleon_lm(cfg, device="meta")
     parallelize(lm, init_device_mesh("cuda", (1,)), precision=st.precision, checkpointing=st.checkpointing)
-    lm.to_empty(device="cuda")
-    lm.reset_nonpersistent_buffers("cuda")
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.normal_(0.0, 0.02)
+    materialize_random(lm, "cuda")
     opt = build_optimizer(lm, lr=1e-5, weight_decay=0.1)
     args = fs.parse_args(["--data_config", __file__, "--precision", st.precision, "--batch_size", str(st.batch_size),
                           "--accum_iter", str(st.accum_iter)])

@@ -58,7 +58,7 @@ import logging
 import math
 import weakref
 from unittest import mock
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -473,8 +473,10 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
     inputs_b = 2 * 8 * s.batch_size * s.max_seq_len * s.accum_iter  # input_ids + labels (int64) of a step
     grads_carry = grads_b if s.accum_iter > 1 else 0  # earlier micro-batches' gradients
     # with more than one rank, the head's all-gather buffer stays alive next to the unsharded head that FSDP2
-    # copies out of it, through the head's forward and backward (measured: bench/bench_planner.py, 2 ranks)
-    head_gathered = b * head_numel * (2 if w > 1 else 1)
+    # copies out of it, through the head's forward and backward; and how long communication buffers live
+    # depends on when the other ranks arrive: on 2 gloo ranks the peak varied between runs by up to two
+    # more head-sized buffers (bench/bench_planner.py). The plan counts them: a worst case, 4 heads in all.
+    head_gathered = b * head_numel * (4 if w > 1 else 1)
     if s.data_parallel == "fsdp":
         gathered_fwd = head_gathered
         # backward: the head's (its backward comes first) with the top layer prefetched, then one layer

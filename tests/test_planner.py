@@ -70,11 +70,11 @@ def test_simulated_activations_equal_the_bytes_a_real_forward_keeps():
 
 def test_activations_extrapolated_in_batch_size_equal_a_direct_simulation():
     cfg = _tiny_cfg()
-    kw = dict(seq_len=129, precision="fp32", checkpointing=True, dropout=0.1, z_loss_weight=1e-4,
-              mask_image_logits=True, loss_chunk_size=64)
+    kw = dict(seq_len=33, precision="fp32", checkpointing=True, dropout=0.1, z_loss_weight=1e-4,
+              mask_image_logits=True, loss_chunk_size=32)
     am = planner.ActivationModel(cfg, **kw)
-    direct = planner.Activations.simulate(cfg, batch_size=5, **kw)
-    assert dataclasses.asdict(am.at(5)) == pytest.approx(dataclasses.asdict(direct), rel=1e-3)
+    direct = planner.Activations.simulate(cfg, batch_size=4, **kw)
+    assert dataclasses.asdict(am.at(4)) == pytest.approx(dataclasses.asdict(direct), rel=1e-3)
 
 
 def test_checkpointing_keeps_one_hidden_state_per_layer():
@@ -158,8 +158,8 @@ def test_plan_json_has_the_documented_keys_and_needs_no_data_config(tiny_model, 
 
 
 def test_plan_that_does_not_fit_suggests_checkpointing_and_a_smaller_batch(tiny_model, capsys):
-    flags = ["--init_from", str(tiny_model), "--world_size", "2", "--batch_size", "8", "--accum_iter", "1",
-             "--max_seq_len", "2048", "--precision", "fp32", "--gpu", "A100", "--json"]
+    flags = ["--init_from", str(tiny_model), "--world_size", "8", "--batch_size", "8", "--accum_iter", "1",
+             "--max_seq_len", "1024", "--precision", "fp32", "--gpu", "A100", "--json"]
     p = json.loads(_plan(capsys, *flags))
     with_ck, without = p["per_rank_bytes_other_checkpointing"], p["per_rank_bytes"]
     assert with_ck < without
@@ -171,7 +171,7 @@ def test_plan_that_does_not_fit_suggests_checkpointing_and_a_smaller_batch(tiny_
     assert any(c.startswith("--batch_size") and "(same global batch)" in c for c in changes)
     for s in p["suggestions"]:
         assert s["settings"]["global_batch"] >= p["settings"]["global_batch"]
-    text = _plan(capsys, *flags[:-1], "--gpu_memory_gb", str(limit))
+    text = planner.format_plan(p)  # what --plan prints without --json
     assert "DOES NOT FIT" in text and "nearest settings that fit:" in text and "--checkpointing" in text
 
 
