@@ -69,6 +69,9 @@ def section_train(a) -> None:
     from model.planner import GPUS, Model, Settings, plan_memory
 
     fs = load_solver()
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
+        os.environ.setdefault(k, v)  # one rank, started without torchrun
     t0 = time.perf_counter()
     dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
     t_init = time.perf_counter() - t0

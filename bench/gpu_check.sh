@@ -12,8 +12,8 @@
 #   pinned  the trainer's DataLoader with --pin_mem: batches pinned, copied asynchronously
 #   resume  bf16 training on CUDA stopped at step 2 and resumed: losses bitwise equal to an uninterrupted run
 #
-# Each check runs under its own time limit (TRAIN_S, NCCL_S, PRETOK_S, PINNED_S, RESUME_S seconds; 420 in all
-# by default) and reports one line; a check that fails or runs out of time is listed as such, the others
+# Each check runs under its own time limit (TRAIN_S, NCCL_S, PRETOK_S, PINNED_S, RESUME_S seconds: 130, 60, 100,
+# 30, 90, 410 in all by default) and reports one line; a check that fails or runs out of time is listed as such, the others
 # still run. Exit code: 0 all ok, 1 a check failed, 2 bad arguments, 77 skipped (no CUDA GPU).
 # The sections live in bench/gpu_check.py.
 set -euo pipefail
@@ -65,12 +65,12 @@ run_check() {  # name, time limit, command...
 
 for s in "${sections[@]}"; do
   case "$s" in
-    train)  run_check train "${TRAIN_S:-150}" "$PYTHON" bench/gpu_check.py train --out "$OUT" ;;
+    train)  run_check train "${TRAIN_S:-130}" "$PYTHON" bench/gpu_check.py train --out "$OUT" ;;
     nccl)   run_check nccl "${NCCL_S:-60}" "$PYTHON" -m torch.distributed.run --nproc_per_node "$ngpu" \
               --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" bench/gpu_check.py nccl --out "$OUT" ;;
-    pretok) run_check pretok "${PRETOK_S:-120}" "$PYTHON" bench/gpu_check.py pretok --out "$OUT" ;;
+    pretok) run_check pretok "${PRETOK_S:-100}" "$PYTHON" bench/gpu_check.py pretok --out "$OUT" ;;
     pinned) run_check pinned "${PINNED_S:-30}" "$PYTHON" bench/gpu_check.py pinned --out "$OUT" ;;
-    resume) run_check resume "${RESUME_S:-60}" "$PYTHON" bench/gpu_check.py resume --out "$OUT" ;;
+    resume) run_check resume "${RESUME_S:-90}" "$PYTHON" bench/gpu_check.py resume --out "$OUT" ;;
   esac
 done
 

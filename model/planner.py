@@ -27,6 +27,9 @@ How each term is obtained (P = parameters, W = world size, b = bytes of the comp
   forward; the head is kept from its forward to its backward (``reshard_after_forward=False``); in
   backward the next unit is prefetched while one is computed: head + top layer during the head's
   backward, two layers during a layer's. ``sdp`` keeps every unit gathered from forward to backward.
+  With more than one rank the head counts four times (its all-gather buffer next to the copied-out head,
+  and up to two more head-sized communication buffers whose lifetime depends on rank timing, measured on
+  2 gloo ranks by bench/bench_planner.py).
 - Activations and the chunked loss: simulated, not guessed. The real decoder (transformers' layers, our
   dropout hooks, the activation-checkpoint wrapper of ``parallelize``) and the real
   ``_ChunkedHeadLoss`` run on FakeTensors (shapes only, no memory, no FLOPs) at the true B, S, hidden
