@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from data.loader import build_indexes, build_train_data
 from data.packing import block_causal_mask
 from data.data_config import DataConfigError
+from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
 from model import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
@@ -47,9 +48,6 @@ from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed,
                                init_distributed, init_model_parallel)
 from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, save_lumina
 from model.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
-from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
-                           setup_logging, teardown_logging)
-from data.eval_data import EvalData
 from model.dashboards import DashboardError, missing_packages, open_dashboards
 from model.evaluation import Evaluator
 from model.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
@@ -60,6 +58,7 @@ from model.parallelize import DTYPES, parallelize, set_gradient_sync
 from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
                              check_base_model, mask_frozen_rows, saved_model_keys, shard_row_masks)
 from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
+from model.planner import run_plan
 
 logger = logging.getLogger("finetune_solver")
 
@@ -163,6 +162,15 @@ class TrainArgs:
                                            "val_loss, val_loss/{type} at each epoch end and every --eval_every steps")
     eval_every: int = _f(0, "evaluate on --val_data_config every this many optimizer steps (0: at epoch ends only)")
     eval_items: int | None = _f(None, "evaluate on this many held-out records (the same ones every time; default: all)")
+    # memory and compute plan (model/planner.py): --plan prints it for these flags and exits, no GPU needed
+    plan: bool = _f(False, "print the per-rank memory and compute plan of these flags and exit (no data, weights, "
+                           "GPU or process group needed; --data_config not required)", neg="--no_plan")
+    json: bool = _f(False, "with --plan: print the plan as one JSON object (keys in the README)", neg="--no_json")
+    world_size: int | None = _f(None, "with --plan: ranks (GPUs) to plan for; default WORLD_SIZE or SLURM_NTASKS, else 1")
+    gpu_memory_gb: float = _f(80.0, "with --plan: memory of one GPU in GB (1e9 bytes), the verdict's limit")
+    gpu: str = _f("H100", "with --plan: GPU whose peak FLOP/s sets step time and tokens/s",
+                  choices=["H100", "H200", "A100"])
+    mfu: float = _f(0.4, "with --plan: model FLOPs utilisation assumed for step time and tokens/s")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "list[str] | None": str}
@@ -226,9 +234,13 @@ def validate_args(a: TrainArgs) -> list[str]:
     if a.model_parallel_size != 1:
         bad.append(f"--model_parallel_size {a.model_parallel_size}: tensor parallelism is not implemented; use 1 "
                    f"(FSDP shards parameters, gradients and optimizer state over all ranks)")
+    if a.plan and (a.world_size is not None and a.world_size < 1 or not 0 < a.mfu <= 1 or a.gpu_memory_gb <= 0):
+        bad.append(f"--plan needs --world_size >= 1, 0 < --mfu <= 1 and --gpu_memory_gb > 0 (got {a.world_size}, "
+                   f"{a.mfu}, {a.gpu_memory_gb})")
     if a.data_config is None:
-        bad.append("--data_config is required (a YAML with META: [{path, type, ratio}])")
-    elif not Path(a.data_config).is_file():
+        if not a.plan:
+            bad.append("--data_config is required (a YAML with META: [{path, type, ratio}])")
+    elif not a.plan and not Path(a.data_config).is_file():
         bad.append(f"--data_config {a.data_config}: no such file")
     if a.resume_path is not None and not Path(a.resume_path).is_dir():
         bad.append(f"--resume_path {a.resume_path}: no such directory")
@@ -670,6 +682,8 @@ def _read_vq(model_dir: str, config) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.plan:
+        return run_plan(a)
     restore_determinism = enable_determinism() if a.deterministic else None  # before CUDA is first used
     try:
         launch = detect_launch_env()

@@ -99,10 +99,14 @@ def spawn_ranks(world: int, argv: list[str], timeout: float = 600) -> list[str]:
     return outs
 
 
+def run_ranks(argv: list[str], world: int, timeout: float = 600) -> list[dict]:
+    """``spawn_ranks``, where each rank's last stdout line is a JSON object; those objects in rank order."""
+    return [json.loads(out.strip().splitlines()[-1]) for out in spawn_ranks(world, argv, timeout)]
+
+
 def run_world(world: int, a) -> list[dict]:
-    argv = [sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers",
-            str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel]
-    return [json.loads(out.strip().splitlines()[-1]) for out in spawn_ranks(world, argv)]
+    return run_ranks([sys.executable, __file__, "--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden),
+                      "--layers", str(a.layers), "--heads", str(a.heads), "--data_parallel", a.data_parallel], world)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,11 @@
 #   LAUNCHER=torchrun NNODES=1 NPROC_PER_NODE=8 bash exps/7B.sh        # one node with torchrun
 #   DATA_CONFIG=my.yaml OUTPUT_DIR=output/7B-run2 bash exps/7B.sh --epochs 1   # extra flags win
 #   DRY_RUN=1 bash exps/7B.sh                                          # print the command, run nothing
+#   PLAN=1 NNODES=4 bash exps/7B.sh                                    # memory/compute plan for 4 x 8 GPUs
+#
+# PLAN=1 prints finetune_solver.py --plan for these flags (no GPU, data or weights needed; DATA_CONFIG may be
+# unset) on WORLD_SIZE GPUs, default SLURM_NTASKS, else NNODES * NPROC_PER_NODE (1 x 8); GPU_MEMORY_GB
+# (80), GPU (H100) and MFU (0.4) set the verdict and the throughput; PLAN_JSON=1 prints one JSON object.
 #
 # INIT_FROM: HF-format Chameleon dir or hub id (e.g. facebook/chameleon-7b, or a Lumina-mGPT checkpoint).
 # Empty (the default, as in Lumina): the run makes Lumina's starting point in OUTPUT_DIR/starting_point
@@ -22,7 +27,9 @@ dropout=0.05
 z_loss_weight=1e-5
 
 INIT_FROM=${INIT_FROM:-}
-DATA_CONFIG=${DATA_CONFIG:?set DATA_CONFIG to your data config YAML, see the README section on the data config}
+if [[ -n "${PLAN:-}" ]]; then DATA_CONFIG=${DATA_CONFIG:-}; else
+  DATA_CONFIG=${DATA_CONFIG:?set DATA_CONFIG to your data config YAML, see the README section on the data config}
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-output/7B}
 LAUNCHER=${LAUNCHER:-python}   # python (srun or a single process) | torchrun
 PYTHON=${PYTHON:-python}
@@ -37,7 +44,6 @@ args=(
   --min_lr "$lr"
   --wd "$wd"
   --clip_grad 4
-  --data_config "$DATA_CONFIG"
   --cache_ann_on_disk
   --num_workers 8
   --output_dir "$OUTPUT_DIR"
@@ -53,6 +59,17 @@ args=(
   --grad_precision fp32
 )
 if [[ -n "$INIT_FROM" ]]; then args+=(--init_from "$INIT_FROM"); fi
+if [[ -n "$DATA_CONFIG" ]]; then args+=(--data_config "$DATA_CONFIG"); fi
+
+if [[ -n "${PLAN:-}" ]]; then  # one process prints the plan for the whole cluster shape, then stops
+  world=${WORLD_SIZE:-${SLURM_NTASKS:-$(( ${NNODES:-1} * ${NPROC_PER_NODE:-8} ))}}
+  full=("$PYTHON" finetune_solver.py "${args[@]}" --plan --world_size "$world" --gpu_memory_gb "${GPU_MEMORY_GB:-80}"
+        --gpu "${GPU:-H100}" --mfu "${MFU:-0.4}")
+  if [[ -n "${PLAN_JSON:-}" ]]; then full+=(--json); fi
+  full+=("$@")
+  if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "${full[@]}"; echo; exit 0; fi
+  exec "${full[@]}"
+fi
 
 if [[ "$LAUNCHER" == torchrun ]]; then
   cmd=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${NPROC_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
