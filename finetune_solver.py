@@ -44,10 +44,12 @@ from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm,
                                 read_hf_weights, resolve_hf_dir, zero_image_head)
 from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
+from model.generator import GenerationInputError
 from model.metrics import (MetricsWriter, flops_per_token, format_console, peak_memory_mb, reset_peak_memory,
                            setup_logging, teardown_logging)
 from model.optim import build_optimizer, lr_at, set_lr
 from model.parallelize import DTYPES, parallelize, set_gradient_sync
+from model.sampling import TrainingSamples, sample_flag_problems
 
 logger = logging.getLogger("finetune_solver")
 
@@ -116,6 +118,16 @@ class TrainArgs:
     export_hf: bool = _f(True, "write an HF-format model into epoch{E}/hf/ at each epoch checkpoint",
                          neg="--no_export_hf")
     log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
+    # samples during training (model/sampling.py)
+    sample_prompts: str | None = _f(None, "generate from the current weights into OUTPUT_DIR/samples/step{N}/: "
+                                          "text-to-image prompts (.txt, one per line) or Lumina conversations "
+                                          "ending with the human turn (.json/.jsonl); off if unset")
+    sample_every: int = _f(0, "samples every this many optimizer steps (0: only at each epoch end)")
+    sample_tokenizer_dir: str | None = _f(None, "tokenizer bundle for the samples (prompts, VQGAN decoding); "
+                                                "required with --sample_prompts")
+    sample_resolution: str = _f("512x512", "WxH in pixels of text-to-image samples")
+    sample_cfg: float = _f(4.0, "classifier-free guidance scale of text-to-image samples")
+    sample_max_new_tokens: int = _f(256, "new tokens per answer sample")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
@@ -187,6 +199,7 @@ def validate_args(a: TrainArgs) -> list[str]:
         bad.append(f"--resume_path {a.resume_path}: no such directory")
     if a.init_from is not None and a.init_from.startswith((".", "/", "~")) and not Path(a.init_from).expanduser().is_dir():
         bad.append(f"--init_from {a.init_from}: no such directory")
+    bad += sample_flag_problems(a)
     return bad
 
 
@@ -437,6 +450,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                                     max_keep=a.ckpt_max_keep, export=export)
 
     metrics = MetricsWriter(out, enabled=rank == 0)
+    samples = TrainingSamples.build(a, lm, rank, device)
     lm.train()
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
@@ -491,6 +505,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                         and not (it_in_epoch == spe and epoch_save_due)):
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
                     last_saved = global_step
+                samples.after_step(global_step)
             if stop:
                 if last_saved != global_step and global_step > 0:
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
@@ -499,6 +514,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
             if epoch % a.save_interval == 0 or epoch + 1 == a.epochs:
                 save(ckpt.ckpt_name(epoch), epoch, spe, epoch_done=True)
                 last_saved = global_step
+            samples.at_epoch_end(global_step)
         logger.info("training done: %d steps", global_step)
     finally:
         metrics.close()
@@ -534,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(a, rank, world, device)
     except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
-            RecordFormatError) as e:
+            RecordFormatError, GenerationInputError) as e:
         logger.error("%s", e)
         code = 1
     finally:

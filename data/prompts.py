@@ -41,7 +41,8 @@ class ItemPromptBuilder:
         self.processor = ItemProcessor(tokenizer, target_size=target_size)
         self._tail = len(tokenizer.encode_text(_PLACEHOLDER + EOT))
 
-    def text_to_image(self, prompt: str, width: int | None, height: int | None, template: str = T2I_TEMPLATE) -> list[int]:
+    def text_to_image(self, prompt: str, width: int | None, height: int | None,
+                      template: str = T2I_TEMPLATE) -> list[int]:
         """The human turn (``template`` filled in when a resolution is given, else the prompt as written)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise GenerationInputError(f"empty prompt {prompt!r}")
@@ -93,7 +94,8 @@ def read_conversations(path: str | Path) -> list[dict]:
         else:
             items = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenerationInputError(f"--conversations {path}: cannot read it as {'JSON lines' if p.suffix == '.jsonl' else 'a JSON list'} ({e})") from e
+        kind = "JSON lines" if p.suffix == ".jsonl" else "a JSON list"
+        raise GenerationInputError(f"--conversations {path}: cannot read it as {kind} ({e})") from e
     if isinstance(items, dict):
         items = [items]
     if not isinstance(items, list) or not items:

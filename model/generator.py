@@ -43,9 +43,10 @@ sample receives the same tokens as its conditional row from ``<racm3:break>`` on
 starts its earlier cache entries are masked away (Lumina starts a new cache).
 
 Randomness: each sample draws from its own ``torch.Generator`` seeded from (seed, prompt index, sample
-index): one uniform per step, used by inverse-CDF sampling, so sample k of prompt i gets the same tokens
-whether it is generated alone or in a batch (up to float rounding of batched matmuls; greedy decoding is
-batch-invariant). The global RNG streams are never touched (the trainer relies on that).
+index), the same number of values at every step (an exponential race: argmax of p / E), so sample k of
+prompt i gets the same tokens whether it is generated alone or in a batch (batched matmuls round
+differently, which could flip a pick only at an exact near-tie; greedy decoding is batch-invariant). The
+global RNG streams are never touched (the trainer relies on that).
 """
 
 from __future__ import annotations
@@ -341,7 +342,8 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def check_resolution(self, width: int, height: int, prompt_len: int = 0, what: str = "--resolution") -> tuple[int, int]:
+    def check_resolution(self, width: int, height: int, prompt_len: int = 0,
+                         what: str = "--resolution") -> tuple[int, int]:
         """(height, width) in 32-px units; GenerationInputError if not on the bundle's grid or too long."""
         g = PIXELS_PER_SIZE_UNIT
         if width < g or height < g or width % g or height % g:
@@ -473,10 +475,9 @@ class Generator:
             rows.append(_Row(r, sp, budget, len(r.tokens)))
             steps = max(steps, budget)
 
-        # per-sample uniforms, drawn up front from each sample's own generator (global RNG untouched)
+        # each sample draws from its own generator (the global RNG streams are untouched)
         seeds = [sample_seed(st.seed, r.prompt_index, r.sample_index) for r in requests]
-        u = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                         for s in seeds]).to(dev)
+        gens = None if st.greedy else [torch.Generator(device=dev).manual_seed(s) for s in seeds]
 
         # prefill: left padding, per-row positions; unconditional rows hold the open block's tail, if any
         width = max(len(r.tokens) for r in requests)
@@ -502,7 +503,7 @@ class Generator:
             warnings.filterwarnings("ignore", message=".*torch.distributed.*")
             logits = self._forward(ids, mask[:, :cur], pos, cache)
             for t in range(steps):
-                toks = self._pick(logits, rows, B, use_cfg, st, u[:, t], observer, t)
+                toks = self._pick(logits, rows, B, use_cfg, st, gens, observer, t)
                 if self.distributed and dist.is_initialized() and dist.get_world_size() > 1:
                     toks = toks.to(dev)
                     dist.broadcast(toks, src=0)  # every rank continues with rank 0's tokens: lock-step
@@ -534,7 +535,7 @@ class Generator:
         return [self._result(r, rows[b], generated[b], seeds[b]) for b, r in enumerate(requests)]
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], B: int, use_cfg: bool, st: DecodeSettings,
-              u: torch.Tensor, observer, t: int) -> torch.Tensor:
+              gens: list[torch.Generator] | None, observer, t: int) -> torch.Tensor:
         """Lumina's processors in order on the B conditional rows, then the choice of each row's token."""
         sp = self.specials
         cond = logits[:B]
@@ -598,9 +599,12 @@ class Generator:
             drop = cum <= (1 - st.top_p)
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        cdf = scores.softmax(dim=-1).double().cumsum(dim=-1)
-        pick = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).clamp_(max=V - 1)
-        return pick.flatten().cpu()
+        # exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability p_i. Every row
+        # draws V numbers per step, forced or not, so its stream stays aligned however it is batched; and
+        # a float-rounding change of the probabilities (another batch shape) flips a pick only at a near-tie
+        # (inverse-CDF sampling would move across thousands of near-equal image-code probabilities)
+        noise = torch.stack([torch.empty(V, device=scores.device).exponential_(generator=g) for g in gens])
+        return (scores.softmax(dim=-1) / noise).argmax(dim=-1).cpu()
 
     def _size_mask(self, row: _Row) -> torch.Tensor:
         """Size tokens whose block (with the least other side for the height) fits the row's budget."""

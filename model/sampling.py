@@ -33,6 +33,7 @@ from PIL import Image
 
 from model.generator import DecodeSettings, Generation, Generator, GenerationInputError, Request
 from model.tokenizer_bundle import ChameleonTokenizer
+from model.vqgan import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,30 @@ def parse_resolution(text: str, flag: str = "--resolution") -> tuple[int, int]:
     return w, h
 
 
+def sample_flag_problems(a) -> list[str]:
+    """The trainer's --sample_* flags: problems, each naming its flag (empty when sampling is off or fine)."""
+    if a.sample_every < 0:
+        return [f"--sample_every must be >= 0 (got {a.sample_every})"]
+    if not a.sample_prompts:
+        return []
+    bad = []
+    if not Path(a.sample_prompts).is_file():
+        bad.append(f"--sample_prompts {a.sample_prompts}: no such file")
+    if not a.sample_tokenizer_dir:
+        bad.append("--sample_tokenizer_dir is required with --sample_prompts (prompts and VQGAN decoding need it)")
+    elif not Path(a.sample_tokenizer_dir).is_dir():
+        bad.append(f"--sample_tokenizer_dir {a.sample_tokenizer_dir}: no such directory")
+    try:
+        parse_resolution(a.sample_resolution, "--sample_resolution")
+    except ValueError as e:
+        bad.append(str(e))
+    if not a.sample_cfg > 0:
+        bad.append(f"--sample_cfg must be > 0 (got {a.sample_cfg})")
+    if a.sample_max_new_tokens < 1:
+        bad.append(f"--sample_max_new_tokens must be >= 1 (got {a.sample_max_new_tokens})")
+    return bad
+
+
 class TrainingSamples:
     """The trainer's periodic samples (see the module docstring). ``after_step`` / ``at_epoch_end`` are the
     one-line calls of the training loop; a disabled instance (no --sample_prompts) does nothing."""
@@ -127,7 +152,10 @@ class TrainingSamples:
         ``sample_resolution``, ``sample_cfg``, ``seed``). Prompts are built on rank 0 and broadcast."""
         if not a.sample_prompts:
             return cls()
-        tok = ChameleonTokenizer.from_bundle(a.sample_tokenizer_dir, device=device, load_vqgan=rank == 0)
+        try:
+            tok = ChameleonTokenizer.from_bundle(a.sample_tokenizer_dir, device=device, load_vqgan=rank == 0)
+        except BundleError as e:
+            raise GenerationInputError(f"--sample_tokenizer_dir: {e}") from e
         from data.prompts import ItemPromptBuilder, read_conversations, read_prompts_file  # item processor only
         gen = Generator(lm, tok, device=device, distributed=True,
                         prompt_builder=ItemPromptBuilder(tok) if rank == 0 else _NoPrompts())
