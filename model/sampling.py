@@ -20,6 +20,7 @@ The prompts file: ``.txt`` = text-to-image prompts, one per line (generated at `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -135,6 +136,21 @@ def sample_flag_problems(a) -> list[str]:
     return bad
 
 
+@contextlib.contextmanager
+def rng_preserved():
+    """Python, numpy, torch CPU and CUDA RNG states are restored on exit: training draws as if nothing ran."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 class TrainingSamples:
     """The trainer's periodic samples (see the module docstring). ``after_step`` / ``at_epoch_end`` are the
     one-line calls of the training loop; a disabled instance (no --sample_prompts) does nothing."""
@@ -148,6 +164,12 @@ class TrainingSamples:
 
     @classmethod
     def build(cls, a, lm, rank: int, device: torch.device) -> "TrainingSamples":
+        """See ``_build``; the global RNG streams are as before (building the VQGAN module draws from them)."""
+        with rng_preserved():
+            return cls._build(a, lm, rank, device)
+
+    @classmethod
+    def _build(cls, a, lm, rank: int, device: torch.device) -> "TrainingSamples":
         """From the trainer's flags (``sample_prompts``, ``sample_every``, ``sample_tokenizer_dir``,
         ``sample_resolution``, ``sample_cfg``, ``seed``). Prompts are built on rank 0 and broadcast."""
         if not a.sample_prompts:
@@ -195,16 +217,8 @@ class TrainingSamples:
         if step == self.last_step:
             return None
         self.last_step = step
-        states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        try:
+        with rng_preserved():
             gens = self.generator.run(self.requests, self.settings)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-            if states[3] is not None:
-                torch.cuda.set_rng_state_all(states[3])
         if self.rank != 0:
             return None
         out = self.output_dir / "samples" / f"step{step}"
