@@ -569,15 +569,19 @@ class Generator:
                 forced[b] = sp.eoi
             else:
                 code_rows.append(b)
-        if cfg_rows:
+        if len(cfg_rows) == B:  # the common case: no indexing
+            unc = logits[B:]
+            scores = st.cfg * (cond - unc) + unc
+        elif cfg_rows:
             idx = torch.tensor(cfg_rows, device=logits.device)
             unc = logits[B:][idx]
             scores[idx] = st.cfg * (cond[idx] - unc) + unc
         if observer is not None:
             observer(t, logits, scores, list(cfg_rows))
         if code_rows:
-            idx = torch.tensor(code_rows, device=logits.device)
-            scores[idx] = scores[idx].masked_fill(~self._code_mask, -math.inf)
+            rmask = torch.zeros(B, 1, dtype=torch.bool)
+            rmask[code_rows] = True
+            scores.masked_fill_(rmask.to(logits.device) & ~self._code_mask, -math.inf)
         for b in size_rows:
             scores[b] = scores[b].masked_fill(~self._size_mask(rows[b]), -math.inf)
         fidx = (forced >= 0).nonzero().flatten().tolist()
