@@ -64,7 +64,7 @@ class UnbatchedCFG(LogitsProcessor):
         if self.cache is None:
             self.cache, self.fed = DynamicCache(config=self.model.config), start
         new = input_ids[:, self.fed:]
-        mask = torch.ones(1, len(seq) - start, dtype=torch.long)
+        mask = torch.ones(1, len(seq) - start, dtype=torch.long, device=seq.device)
         out = self.model(new, attention_mask=mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.fed = len(seq)
         unc = out.logits[:, -1].float()
@@ -76,7 +76,8 @@ class ImageBlockConstraints(LogitsProcessor):
 
     def __init__(self, specials, vocab_size: int):
         self.sp = specials
-        self.suppress = ~specials.code_mask[:vocab_size]
+        self.suppress = None
+        self.codes = specials.code_mask[:vocab_size]
 
     def __call__(self, input_ids, scores):
         seq, sp = input_ids[0], self.sp
@@ -91,6 +92,8 @@ class ImageBlockConstraints(LogitsProcessor):
             forced = torch.full_like(scores, -math.inf)
             forced[:, sp.eol if (k + 1) % (w + 1) == 0 else sp.eoi] = 0
             return forced
+        if self.suppress is None or self.suppress.device != scores.device:
+            self.suppress = ~self.codes.to(scores.device)
         return torch.where(self.suppress, -math.inf, scores)
 
 
@@ -123,7 +126,7 @@ def run_ours(gen: Generator, prompt: list[int], n_new: int, cfg: float, batch: i
 
 
 def run_hf_generate(hf, specials, prompt: list[int], n_new: int, cfg: float) -> int:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                           eos_token_id=[specials.eot], pad_token_id=specials.pad)
     with torch.no_grad():
@@ -136,7 +139,7 @@ def run_hf_generate(hf, specials, prompt: list[int], n_new: int, cfg: float) -> 
 
 def run_lumina_loop(hf, specials, prompt: list[int], n_new: int, cfg: float) -> int:
     procs = processors(hf, specials, cfg)
-    seq = torch.tensor([prompt])
+    seq = torch.tensor([prompt], device=hf.device)
     cache = DynamicCache(config=hf.config)
     new_ids = seq
     with torch.no_grad():
@@ -154,6 +157,11 @@ def run_lumina_loop(hf, specials, prompt: list[int], n_new: int, cfg: float) -> 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256, help="model width")
@@ -164,6 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per method")
     p.add_argument("--batch_sizes", default="1,2,4,8", help="batch sizes for ours (scaling)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same code on a GPU)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (bf16 on GPUs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     w, h = (int(x) for x in a.resolution.split("x"))
@@ -171,8 +181,9 @@ def main(argv=None) -> None:
     bundle = make_tiny_bundle(tmp / "bundle", seed=0)
     model_dir = make_tiny_model(bundle, tmp / "model", hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=a.heads, seed=0)
-    gen = Generator.from_pretrained(model_dir, bundle, device="cpu", precision="fp32")
-    hf = ChameleonForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gen = Generator.from_pretrained(model_dir, bundle, device=a.device, precision=a.precision)
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    hf = ChameleonForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(a.device).eval()
     hf.model.vocabulary_mapping.image_tokens = []  # transformers masks image codes in forward; undo for (a), (b)
     sp = gen.specials
     prompt = gen.image_requests(["a red bicycle leaning on a brick wall"], (w, h))[0].tokens
@@ -181,7 +192,7 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in gen.lm.parameters())
     print(f"model: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, {n_params / 1e6:.1f}M parameters, vocab "
           f"{gen.config.vocab_size}; prompt {len(prompt)} tokens, {n_new} image tokens per sample ({w}x{h}); "
-          f"cfg {a.cfg}; torch threads {a.threads}")
+          f"cfg {a.cfg}; {a.device} {a.precision}, torch threads {a.threads}")
 
     methods = {"ours (batched CFG, 1 forward/token)": lambda: run_ours(gen, prompt, n_new, a.cfg),
                "(a) transformers generate + Lumina processors": lambda: run_hf_generate(hf, sp, prompt, n_new, a.cfg),
@@ -191,8 +202,10 @@ def main(argv=None) -> None:
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(a.reps):
         for name, f in methods.items():
+            sync(a.device)
             t0 = time.perf_counter()
             n = f()
+            sync(a.device)
             times[name].append(n / (time.perf_counter() - t0))
     base = statistics.median(times["ours (batched CFG, 1 forward/token)"])
     print("\nbatch 1 with CFG (image tokens/s, median of %d interleaved runs)" % a.reps)
@@ -205,8 +218,10 @@ def main(argv=None) -> None:
     scale: dict[int, list[float]] = {b: [] for b in sizes}
     for _ in range(a.reps):
         for b in sizes:
+            sync(a.device)
             t0 = time.perf_counter()
             n = run_ours(gen, prompt, n_new, a.cfg, batch=b)
+            sync(a.device)
             scale[b].append(n / (time.perf_counter() - t0))
     b1 = statistics.median(scale[sizes[0]])
     print("\nours, scaling with batch size (CFG on: 2 rows per sample)")
