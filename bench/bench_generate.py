@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -176,8 +177,15 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (bf16 on GPUs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    w, h = (int(x) for x in a.resolution.split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    try:
+        measure(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(a, tmp: Path) -> None:
+    w, h = (int(x) for x in a.resolution.split("x"))
     bundle = make_tiny_bundle(tmp / "bundle", seed=0)
     model_dir = make_tiny_model(bundle, tmp / "model", hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=a.heads, seed=0)

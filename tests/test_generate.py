@@ -407,3 +407,18 @@ def test_two_rank_training_samples_in_lock_step(train_assets, tmp_path):
         rows = (tmp_path / "samples" / f"step{step}" / "generations.jsonl").read_text().splitlines()
         assert len(rows) == 2 and (tmp_path / "samples" / f"step{step}" / "00000_0.png").is_file()
     assert sorted(losses(tmp_path)) == list(range(1, 7))
+
+
+def test_bench_generate_runs_the_three_methods_to_complete_image_blocks(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "bench" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:  # each method asserts that it generated exactly the block, ending with <eoss>
+        bench.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--resolution", "32x32", "--reps", "1",
+                    "--batch_sizes", "1,2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "(a) transformers generate" in out and "(b) Lumina-style loop" in out and "| 2 |" in out
