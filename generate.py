@@ -71,8 +71,9 @@ class GenerateArgs:
                        "text-to-image template with {W}, {H}, {prompt} (Lumina's; '\\n' is a newline)")
     target_size: int = _f(512, "crop budget for images in --conversations, as in pre-tokenization (512/768/1024)")
     # decoding
-    cfg: float = _f(4.0, "classifier-free guidance scale inside image blocks (1.0: off; Lumina: 4.0 for "
-                         "text-to-image, 1.0 for image-to-image tasks)")
+    cfg: float | None = _f(None, "classifier-free guidance scale inside image blocks (1.0: off, and no unconditional "
+                                 "rows are computed); default Lumina's: 4.0 for text-to-image prompts, 1.0 for "
+                                 "--conversations")
     image_top_k: int = _f(2000, "top-k inside an image block")
     text_top_k: int = _f(10, "top-k outside image blocks")
     temperature: float = _f(1.0, "sampling temperature (after top-k)")
@@ -92,7 +93,7 @@ class GenerateArgs:
     out: str | None = _f(None, "output directory (PNGs, generations.jsonl, contact_sheet.png); required")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +130,8 @@ def validate_args(a: GenerateArgs) -> list[str]:
             bad.append(f"--{name} must be >= 1 (got {getattr(a, name)})")
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         bad.append(f"--max_new_tokens must be >= 1 (got {a.max_new_tokens})")
+    if a.cfg is None:
+        a.cfg = 1.0 if a.conversations else 4.0
     if not a.cfg > 0:
         bad.append(f"--cfg must be > 0 (got {a.cfg})")
     if not a.temperature > 0:
