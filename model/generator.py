@@ -451,9 +451,10 @@ class Generator:
         hidden = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                use_cache=True).last_hidden_state[:, -1]
         if self.device.type == "cpu" and not hasattr(self.lm, "unshard"):
-            # On a CPU, BLAS computes [rows, H] x [V, H]^T for a few rows 1.4-3x slower than W @ h^T, which
-            # streams the row-major [V, H] head weight once (measured for 2-32 rows, V 10760 and 65536); the
-            # head is the largest matmul of a decoding step. (Not for FSDP: the head's hooks gather it.)
+            # On a CPU, BLAS computes [rows, H] x [V, H]^T for a few rows up to 3x slower than W @ h^T, which
+            # streams the row-major [V, H] head weight once (measured: 1.4-3x for 2-8 rows, 1.1-1.3x for
+            # 16-32, V 10760 and 65536); the head is the largest matmul of a decoding step. Not under FSDP:
+            # there the head's own hooks must gather its weight.
             w = self.lm.lm_head.weight
             return torch.mm(w, hidden.to(w.dtype).t()).t().float()
         return self.lm.lm_head(hidden).float()
