@@ -546,7 +546,6 @@ class Generator:
         """Lumina's processors in order on the B conditional rows, then the choice of each row's token."""
         sp = self.specials
         cond = logits[:B]
-        scores = cond.clone()
         forced = torch.full((B,), -1, dtype=torch.long)
         in_block = torch.zeros(B, dtype=torch.bool)
         cfg_rows, code_rows, size_rows = [], [], []
@@ -579,7 +578,9 @@ class Generator:
         if len(cfg_rows) == B:  # the common case: no indexing
             unc = logits[B:]
             scores = st.cfg * (cond - unc) + unc
-        elif cfg_rows:
+        else:
+            scores = cond.clone()  # modified in place below; the observer may look at the logits
+        if cfg_rows and len(cfg_rows) < B:
             idx = torch.tensor(cfg_rows, device=logits.device)
             unc = logits[B:][idx]
             scores[idx] = st.cfg * (cond[idx] - unc) + unc
@@ -592,6 +593,10 @@ class Generator:
         for b in size_rows:
             scores[b] = scores[b].masked_fill(~self._size_mask(rows[b]), -math.inf)
         fidx = (forced >= 0).nonzero().flatten().tolist()
+        if len(fidx) == B:  # every row forced (a row end, <eoss>): no processor changes the outcome
+            for g in gens or ():
+                torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)  # keep streams aligned
+            return forced
         if fidx:  # Lumina's forcing: -inf everywhere but the forced token
             fi = torch.tensor(fidx, device=logits.device)
             scores[fi] = -math.inf
