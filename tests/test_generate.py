@@ -348,8 +348,8 @@ def test_model_code_does_not_import_the_training_data_path():
 def train_assets(tiny_bundle, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_assets")
     (root / "prompts.txt").write_text("a red square\n# a comment\na blue dot\n")
-    return {"model": tiny_model, "data": make_learnable_data(root / "data", n_items=16), "prompts": root / "prompts.txt",
-            "bundle": tiny_bundle}
+    return {"model": tiny_model, "data": make_learnable_data(root / "data", n_items=16),
+            "prompts": root / "prompts.txt", "bundle": tiny_bundle}
 
 
 def train_flags(assets, out, *extra, steps: int = 6) -> list[str]:
