@@ -59,6 +59,8 @@ from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, at
                              check_base_model, mask_frozen_rows, saved_model_keys, shard_row_masks)
 from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
 from model.planner import run_plan
+from model.generator import GenerationInputError
+from model.sampling import TrainingSamples, sample_flag_problems
 
 logger = logging.getLogger("finetune_solver")
 
@@ -171,6 +173,16 @@ class TrainArgs:
     gpu: str = _f("H100", "with --plan: GPU whose peak FLOP/s sets step time and tokens/s",
                   choices=["H100", "H200", "A100"])
     mfu: float = _f(0.4, "with --plan: model FLOPs utilisation assumed for step time and tokens/s")
+    # samples during training (model/sampling.py)
+    sample_prompts: str | None = _f(None, "generate from the current weights into OUTPUT_DIR/samples/step{N}/: "
+                                          "text-to-image prompts (.txt, one per line) or Lumina conversations "
+                                          "ending with the human turn (.json/.jsonl); off if unset")
+    sample_every: int = _f(0, "samples every this many optimizer steps (0: only at each epoch end)")
+    sample_tokenizer_dir: str | None = _f(None, "tokenizer bundle for the samples (prompts, VQGAN decoding); "
+                                                "required with --sample_prompts")
+    sample_resolution: str = _f("512x512", "WxH in pixels of text-to-image samples")
+    sample_cfg: float = _f(4.0, "classifier-free guidance scale of text-to-image samples")
+    sample_max_new_tokens: int = _f(256, "new tokens per answer sample")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "list[str] | None": str}
@@ -252,6 +264,7 @@ def validate_args(a: TrainArgs) -> list[str]:
         bad.append(f"--trainable {a.trainable!r}: give presets or globs, e.g. image_head or 'model.layers.*.mlp.*'")
     bad += lora_flag_problems(a)
     bad += _validate_observability(a)
+    bad += sample_flag_problems(a)
     return bad
 
 
@@ -603,6 +616,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     base_record = base_model_record(model_dir, partial_saves) if rank == 0 else {}
 
     metrics = _open_metrics(a, out, rank, resumed_step=global_step if resume is not None else None)
+    samples = TrainingSamples.build(a, lm, rank, device)
     lm.train()
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
@@ -658,6 +672,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                         and not (it_in_epoch == spe and epoch_save_due)):
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
                     last_saved = global_step
+                samples.after_step(global_step)
             if stop:
                 if last_saved != global_step and global_step > 0:
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
@@ -666,6 +681,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
             if epoch % a.save_interval == 0 or epoch + 1 == a.epochs:
                 save(ckpt.ckpt_name(epoch), epoch, spe, epoch_done=True)
                 last_saved = global_step
+            samples.at_epoch_end(global_step)
         logger.info("training done: %d steps", global_step)
     finally:
         metrics.close()
@@ -706,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(a, rank, world, device)
     except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
-            RecordFormatError, TrainableError, LoraError, DashboardError) as e:
+            RecordFormatError, TrainableError, LoraError, DashboardError, GenerationInputError) as e:
         logger.error("%s", e)
         code = 1
     finally:

@@ -114,3 +114,24 @@ Mean loss of the last 5 logged steps: $final (target: below $LOSS_TARGET)
 EOF
 $PYTHON -c "import sys; sys.exit(0 if float('$final') < float('$LOSS_TARGET') else 1)" ||
   { echo "loss $final did not fall below $LOSS_TARGET" >&2; exit 1; }
+
+say "generate: two images and one caption from the trained model (generate.py)"
+printf 'A red circle on a white background.\nA blue square on a black background.\n' > "$OUT/gen_prompts.txt"
+cat > "$OUT/gen_caption.json" <<'EOF_JSON'
+[{"conversations": [{"from": "human", "value": "<|image|>What is in this picture?"}, {"from": "gpt", "value": null}],
+  "image": ["data/images/00000.png"]}]
+EOF_JSON
+# the demo's text-to-image items read "Draw this: <caption>"; 128x128 is a crop size of TARGET_SIZE 128
+$PYTHON generate.py --model "$OUT/hf_model" --tokenizer_dir "$OUT/bundle" --prompts_file "$OUT/gen_prompts.txt" \
+  --template "Draw this: {prompt}" --resolution 128x128 --cfg 3.0 --seed 0 --precision fp32 --device cpu \
+  --out "$OUT/generated/images" > /dev/null
+$PYTHON generate.py --model "$OUT/hf_model" --tokenizer_dir "$OUT/bundle" --conversations "$OUT/gen_caption.json" \
+  --target_size "$TARGET_SIZE" --cfg 1.0 --greedy --max_new_tokens 32 --precision fp32 --device cpu \
+  --out "$OUT/generated/caption" > /dev/null
+caption=$($PYTHON -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['text'])" \
+  "$OUT/generated/caption/generations.jsonl")
+cat <<EOF_DONE
+  generated/images/   00000_0.png, 00001_0.png (prompts in gen_prompts.txt), contact_sheet.png, generations.jsonl
+  generated/caption/  the answer to data/images/00000.png: "$caption" (expected: $($PYTHON -c "import json; \
+print(json.load(open('$OUT/data/caption.json'))[0]['conversations'][1]['value'])"))
+EOF_DONE

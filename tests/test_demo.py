@@ -18,7 +18,7 @@ def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
                PYTHON=str(Path(os.sys.executable)))
     env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env['PATH']}"  # torchrun of this venv
     proc = subprocess.run(["bash", "exps/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=420)
+                          timeout=540)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     log = proc.stdout + proc.stderr
     assert "resuming from" in log and "training done: 24 steps" in log  # second leg resumed and finished
@@ -37,3 +37,7 @@ def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     assert (out / "hf_model" / "config.json").exists()
     from transformers import ChameleonForConditionalGeneration
     ChameleonForConditionalGeneration.from_pretrained(out / "hf_model")
+    gen = out / "generated"  # the appended generate.py block: two images and one caption
+    assert (gen / "images" / "00000_0.png").is_file() and (gen / "images" / "00001_0.png").is_file()
+    assert (gen / "images" / "contact_sheet.png").is_file() and "generated/caption/" in log
+    assert len((gen / "caption" / "generations.jsonl").read_text().splitlines()) == 1
