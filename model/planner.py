@@ -22,7 +22,8 @@ How each term is obtained (P = parameters, W = world size, b = bytes of the comp
   them to ``zero_grad`` after the step (all of them through the forward of later micro-batches when
   ``--accum_iter`` > 1). AdamW: ``exp_avg`` and ``exp_avg_sq`` fp32, 8 B per trainable element; the
   foreach step allocates one more fp32 copy of the largest parameter group (``sqrt(exp_avg_sq)``).
-  Frozen parameters (``n_trainable`` < all, e.g. LoRA) get no gradient and no optimizer state.
+  Frozen parameters (``n_trainable`` < all: --trainable subsets, LoRA; counted by ``trainable_numel``) get no
+  gradient and no optimizer state.
 - Gathered parameters (compute dtype): ``fsdp`` all-gathers one unit at a time and frees it after its
   forward; the head is kept from its forward to its backward (``reshard_after_forward=False``); in
   backward the next unit is prefetched while one is computed: head + top layer during the head's
@@ -445,6 +446,21 @@ class Model:
         return self.units_fsdp if data_parallel == "fsdp" else self.units_sdp
 
 
+def trainable_numel(config, a) -> int | None:
+    """Parameters that get gradients and AdamW state under the run's --trainable / --lora_* flags (None: all).
+    Whole tensors count: a row-level preset (image_head) keeps its tensors' full gradients (model/trainable.py)."""
+    if getattr(a, "trainable", None) in (None, "all") and not getattr(a, "lora_rank", 0):
+        return None
+    from model.chameleon_lm import build_chameleon_lm
+    from model.lora import apply_lora
+    from model.trainable import apply_trainable
+
+    lm = build_chameleon_lm(config, device="meta")
+    apply_lora(lm, a)
+    apply_trainable(lm, a.trainable, lora=a.lora_rank > 0)
+    return sum(p.numel() for p in lm.parameters() if p.requires_grad)
+
+
 def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu: bool = True,
                 _act_cache: dict | None = None) -> dict:
     """Per-rank bytes of a run; ``n_trainable`` (default: all) are the parameters with gradients and AdamW
@@ -614,6 +630,8 @@ def make_plan(a, *, world_size: int, gpu_memory_gb: float, gpu: str, mfu: float,
     """The whole plan as one JSON-able dict (the object ``--plan --json`` prints; keys in the README)."""
     m = Model.build(a.init_from, a.model_size)
     s = Settings.from_args(a, world_size)
+    if n_trainable is None:
+        n_trainable = trainable_numel(m.config, a)
     limit = int(gpu_memory_gb * 1e9)
     cache: dict = {}
     mem = plan_memory(m, s, n_trainable=n_trainable, _act_cache=cache)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dist_helper import REPO, free_port, run, spawn
 import finetune_solver
 from model import planner
-from model.chameleon_lm import build_chameleon_lm
+from model.chameleon_lm import build_chameleon_lm, load_hf_config
 from model.make_tiny_model import make_tiny_model
 
 
@@ -173,6 +173,20 @@ def test_plan_that_does_not_fit_suggests_checkpointing_and_a_smaller_batch(tiny_
         assert s["settings"]["global_batch"] >= p["settings"]["global_batch"]
     text = planner.format_plan(p)  # what --plan prints without --json
     assert "DOES NOT FIT" in text and "nearest settings that fit:" in text and "--checkpointing" in text
+
+
+def test_plan_counts_only_the_trainable_parameters_of_trainable_and_lora_runs(tiny_model, capsys):
+    flags = ["--init_from", str(tiny_model), "--world_size", "2", "--batch_size", "1", "--max_seq_len", "256",
+             "--precision", "fp32", "--json"]
+    full = json.loads(_plan(capsys, *flags))
+    norms = json.loads(_plan(capsys, *flags, "--trainable", "norms"))
+    lora = json.loads(_plan(capsys, *flags, "--lora_rank", "4"))
+    lm = build_chameleon_lm(load_hf_config(tiny_model), device="meta")
+    assert norms["n_trainable"] == sum(p.numel() for n, p in lm.named_parameters() if "norm" in n)
+    assert 0 < lora["n_trainable"] < full["n_trainable"] == full["n_params"]
+    for p in (norms, lora):  # frozen tensors: no gradient, no AdamW moments
+        assert p["breakdown"]["sharded_params"] == full["breakdown"]["sharded_params"]
+        assert p["per_rank_bytes"] < full["per_rank_bytes"]
 
 
 def test_plan_flags_are_checked(capsys):
