@@ -1,0 +1,90 @@
+"""The VQGAN encoder's CPU fast path (model/vqgan_fast.py) computes exactly what the modules compute."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model import vqgan_fast
+from model.vqgan import VQGAN, VQGANConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Every block kind of taming's Encoder: attention inside a level (16 px), a channel change (nin_shortcut
+# 1x1 conv), strided downsampling with its pad, the mid-block attention, conv_out + quant_conv.
+SMALL = VQGANConfig(embed_dim=8, n_embed=64, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, double_z=False)
+
+
+@pytest.fixture(scope="module")
+def vq() -> VQGAN:
+    torch.manual_seed(0)
+    return VQGAN(SMALL).eval().requires_grad_(False).use_channels_last()
+
+
+def pixels(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def modules_z(vq: VQGAN, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vq.quant_conv(vq.encoder(x.contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 32, 48), (1, 3, 64, 32)])
+def test_fast_encoder_gives_bitwise_the_modules_z(vq, shape):
+    fast = vqgan_fast.FastEncoder(vq.encoder, vq.quant_conv)
+    x = pixels(*shape)
+    with torch.no_grad():
+        assert fast.supports(x)
+        for _ in range(2):  # the first call checks each fused conv, the second runs from the caches
+            assert torch.equal(fast(x), modules_z(vq, x))
+
+
+def test_encode_codes_are_the_same_with_and_without_the_fast_path(vq, tiny_tokenizer):
+    x = pixels(3, 3, 32, 48, seed=1)
+    fast = vq.encode(x)
+    vq.fast_encode = False
+    try:
+        assert torch.equal(vq.encode(x), fast)
+    finally:
+        vq.fast_encode = True
+    assert vq._fast._packs, "the fast path was not taken"
+    tiny = tiny_tokenizer.vqgan  # Chameleon's 5-level layout, no res blocks
+    y = pixels(2, 3, 64, 64, seed=2)
+    assert torch.equal(tiny.encode(y), tiny.quantize.codes(modules_z(tiny, y)))
+
+
+def test_new_weights_are_used_not_stale_packed_copies(vq):
+    other = copy.deepcopy(vq)
+    x = pixels(1, 3, 32, 32, seed=3)
+    before = other.encode(x)
+    torch.manual_seed(1)
+    other.load_state_dict(VQGAN(SMALL).state_dict())
+    after = other.encode(x)
+    assert torch.equal(after, other.quantize.codes(modules_z(other, x)))
+    assert not torch.equal(after, before)
+
+
+def test_packed_weights_are_kept_for_a_bounded_number_of_shapes(vq, monkeypatch):
+    monkeypatch.setattr(vqgan_fast, "PACK_CACHE_SHAPES", 2)
+    fast = vqgan_fast.FastEncoder(vq.encoder, vq.quant_conv)
+    with torch.no_grad():
+        for h in (32, 48, 64, 32):
+            x = pixels(1, 3, h, 32, seed=h)
+            assert torch.equal(fast(x), modules_z(vq, x))
+    assert list(fast._packs) == [(1, 3, 64, 32), (1, 3, 32, 32)]
+
+
+def test_inputs_the_fast_path_cannot_take_run_the_modules(vq):
+    fast = vq._fast
+    assert not fast.supports(pixels(1, 3, 32, 32).double())
+    with torch.enable_grad():
+        assert not fast.supports(pixels(1, 3, 32, 32))
+    nchw = VQGAN(SMALL).eval()  # channels_last off: encode keeps the modules' own NCHW path
+    x = pixels(1, 3, 32, 32, seed=4)
+    with torch.no_grad():
+        assert torch.equal(nchw.encode(x), nchw.quantize.codes(nchw.quant_conv(nchw.encoder(x))))
+    assert not nchw._fast._packs
