@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -88,3 +89,31 @@ def test_inputs_the_fast_path_cannot_take_run_the_modules(vq):
     with torch.no_grad():
         assert torch.equal(nchw.encode(x), nchw.quantize.codes(nchw.quant_conv(nchw.encoder(x))))
     assert not nchw._fast._packs
+
+
+# ------------------------------------------------------------------- bench/bench_pretokenize.py's loop
+
+def test_benchmark_lumina_loop_gives_the_same_tokens_and_labels_as_ours(tiny_bundle, tiny_tokenizer, tmp_path):
+    from bench.bench_pretokenize import LuminaLoop, make_images
+    from data.item_processor import ItemProcessor
+    from model.vqgan import load_vqgan
+
+    # Square inputs: Lumina's random crop offset is 0 there, so both pipelines see the same pixels.
+    items = json.loads(make_images(tmp_path, 3, 96).read_text())
+    nchw = load_vqgan(tiny_bundle / "vqgan.yaml", tiny_bundle / "vqgan.ckpt", channels_last=False)
+    lumina = LuminaLoop(tiny_tokenizer, nchw, target_size=64)
+    ours = ItemProcessor(tiny_tokenizer, 64)
+    for item in items:
+        tokens, labels, blocks = lumina.process_item(item, tmp_path)
+        assert (tokens, labels) == ours.process_item(item, tmp_path)
+        assert len(blocks) == 1 and len(tiny_tokenizer.parse_image_block(blocks[0]).ravel()) == 16
+
+
+def test_benchmark_refuses_cuda_without_a_gpu(capsys):
+    from bench.bench_pretokenize import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda"])
+    assert e.value.code == 2 and "torch.cuda.is_available() is False" in capsys.readouterr().err
