@@ -17,7 +17,11 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
                    preprocessing, its NCHW model and VQGAN call order, a .pkl per item);
   pre_tokenize     the real script in a subprocess (``--num_workers``, ``--batch_size``), rate read off
                    its record file as it grows; with ``--batched_pipeline`` once more with
-                   ``--no_batch_invariant`` (whole batches).
+                   ``--no_batch_invariant`` (whole batches), and with ``--ablations`` once more with
+                   ``--no_reuse_freed_memory``.
+
+The in-process methods run with glibc's default malloc, as Lumina's loop does (``--reuse_freed_memory``
+gives all of them pre_tokenize's setting instead); the pre_tokenize runs are the script as shipped.
 
 Rates are steady state: the first batch of each method is excluded (oneDNN primitive creation, model
 loading, worker start-up). The in-process methods run interleaved, batch by batch in rotating order, so
@@ -54,6 +58,7 @@ from data.item_processor import ItemProcessor
 from model.make_tiny_bundle import make_tiny_bundle
 from model.tokenizer_bundle import ChameleonTokenizer
 from model.vqgan import VQGAN, VQGANConfig, load_vqgan
+from model.vqgan_fast import reuse_freed_memory
 
 logger = logging.getLogger("bench_pretokenize")
 REPO = Path(__file__).resolve().parents[1]
@@ -327,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
                         "encode and pre_tokenize.py vs the per-item loop on the same GPU); refused without CUDA")
     parser.add_argument("--batched_pipeline", action="store_true",
                         help="also run pre_tokenize with --no_batch_invariant (whole batches per VQGAN call)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run pre_tokenize with --no_reuse_freed_memory (glibc returns freed memory)")
+    parser.add_argument("--reuse_freed_memory", action="store_true",
+                        help="apply pre_tokenize's reuse_freed_memory (glibc mallopt) to this process too, so the "
+                             "in-process methods (Lumina's loop included) all run with it")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the interleaved methods and pre_tokenize this many times (figures per repeat)")
     parser.add_argument("--profile", action="store_true",
@@ -348,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory and not reuse_freed_memory():
+        parser.error("--reuse_freed_memory: glibc's mallopt is not available here")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
                 codes["fast path vs modules"] = count_differing(
                     [c.numpy() for r in outputs["bare per-image, modules (before)"] for c in r], per_image)
             runs = [("pre_tokenize", ())] + ([("pre_tokenize --no_batch_invariant", ("--no_batch_invariant",))]
-                                             if args.batched_pipeline else [])
+                                             if args.batched_pipeline else []) \
+                + ([("pre_tokenize --no_reuse_freed_memory", ("--no_reuse_freed_memory",))] if args.ablations else [])
             for name, extra in runs:
                 t0 = time.perf_counter()
                 times, cmd, log = bench_script(data, bundle, tmp / f"{name.replace(' ', '_')}_{rep}", args, *extra)
