@@ -54,6 +54,7 @@ import torch
 import yaml
 from PIL import Image
 
+from data.image_preprocess import crop_sizes
 from data.item_processor import ItemProcessor
 from model.make_tiny_bundle import make_tiny_bundle
 from model.tokenizer_bundle import ChameleonTokenizer
@@ -129,21 +130,10 @@ class LuminaLoop:
 
     def __init__(self, tok: ChameleonTokenizer, vq: VQGAN, target_size: int, beta: float = 0.25):
         self.tok, self.vq, self.beta = tok, vq, beta
-        self.crop_size_list = self.generate_crop_size_list((target_size // 32) ** 2, 32)
+        # Lumina's generate_crop_size_list((target_size // 32) ** 2, 32): the same boundary walk as ours
+        self.crop_size_list = crop_sizes(target_size)
         self.img2bpe = tok.codes_to_bpe(torch.arange(vq.config.n_embed))
         self.rng = random.Random(0)
-
-    @staticmethod
-    def generate_crop_size_list(num_patches: int, patch_size: int, max_ratio: float = 4.0) -> list:
-        out, wp, hp = [], num_patches, 1
-        while wp > 0:
-            if max(wp, hp) / min(wp, hp) <= max_ratio:
-                out.append((wp * patch_size, hp * patch_size))
-            if (hp + 1) * wp <= num_patches:
-                hp += 1
-            else:
-                wp -= 1
-        return out
 
     def var_center_crop(self, img: Image.Image) -> Image.Image:
         w, h = img.size
@@ -281,15 +271,22 @@ def profile_encoders(variants: dict, top: int = 8) -> dict:
     report = {}
     for name, fn in variants.items():
         fn()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        fn()
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         ops: dict[str, float] = {}
         for e in prof.key_averages():
             ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e3
         total = sum(ops.values())
-        report[name] = {"self_cpu_ms_total": total, "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top]),
+        report[name] = {"wall_s": wall, "cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                        "sys_s": r1.ru_stime - r0.ru_stime, "page_faults": r1.ru_minflt - r0.ru_minflt,
+                        "self_cpu_ms_total": total, "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top]),
                         "onednn": onednn_calls(fn)}
-        logger.info("profile %s: %.0f ms self CPU; %s", name, total,
+        logger.info("profile %s: wall %.2f s, CPU %.2f s (system %.2f s), %d page faults; profiler: %.0f ms "
+                    "self CPU; %s", name, wall, report[name]["cpu_s"], report[name]["sys_s"],
+                    report[name]["page_faults"], total,
                     ", ".join(f"{k} {v:.0f}" for k, v in report[name]["top_ops_ms"].items()))
         for k, v in sorted(report[name]["onednn"].items()):
             logger.info("   oneDNN %-36s n=%-3d %.0f ms", k, v["n"], v["ms"])
@@ -340,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the interleaved methods and pre_tokenize this many times (figures per repeat)")
     parser.add_argument("--profile", action="store_true",
-                        help="first profile one image through each encoder (torch.profiler + oneDNN verbose)")
+                        help="first profile one image through each encoder (torch.profiler + oneDNN verbose, "
+                        "CPU and system time, page faults)")
+    parser.add_argument("--profile_only", action="store_true", help="--profile, then stop")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pretokenize.json",
                         help="where to write the results as JSON")
     args = parser.parse_args(argv)
@@ -382,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                   "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        if args.profile:
+        if args.profile or args.profile_only:
             with torch.no_grad():
                 x0 = x[:1]
                 report["profile"] = profile_encoders({
@@ -390,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
                     "ours before (modules, channels_last)": lambda: bare_per_image(tok, x0, fast=False),
                     "lumina (NCHW model, channels_last-strided input)":
                         lambda: lumina.process_image(tmp / items[0]["image"][0])})
+        if args.profile_only:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+            return
         methods = {"bare batched": lambda k: bare_batched(tok, x[k * b:(k + 1) * b]),
                    "bare per-image": lambda k: bare_per_image(tok, x[k * b:(k + 1) * b]),
                    "bare per-image, modules (before)": lambda k: bare_per_image(tok, x[k * b:(k + 1) * b], False),
