@@ -1,19 +1,24 @@
 """The VQGAN encoder's CPU fast path: the same arithmetic as taming's ``Encoder`` with less work around it.
 
-``FastEncoder(vqgan)(x)`` returns ``quant_conv(encoder(x))`` for a float32 CPU batch, bit for bit what the
+``FastEncoder(vqgan.encoder, vqgan.quant_conv)(x)`` returns ``quant_conv(encoder(x))`` for a float32 CPU batch, bit for bit what the
 modules compute in channels_last (tests/test_vqgan_fast.py checks z and codes), but without what a
 profile of a pre-tokenization run shows costing time outside the convolutions (bench/RESULTS.md):
 
 - **weight reorders**: ``nn.Conv2d`` hands oneDNN a plain OIHW/OHWI weight on every call, and oneDNN
-  reorders it to its blocked layout first (37 reorders per image, 7-10 ms each for the real-size encoder).
-  Here each weight is reordered once per input shape (``torch._C._nn.mkldnn_reorder_conv2d_weight``,
-  the prepacking torch.compile's freezing uses) and kept in a small LRU cache of ``PACK_CACHE_SHAPES``
+  reorders it to its blocked layout first (30-37 reorders per 256-px image with the real-size encoder,
+  one per convolution). Here each weight is reordered once per input shape
+  (``torch._C._nn.mkldnn_reorder_conv2d_weight``) and kept in a small LRU cache of ``PACK_CACHE_SHAPES``
   image shapes; a reorder is a copy, so the results do not change;
 - **residual adds**: ``x + conv2(h)`` and ``x + proj_out(h)`` become the convolution's ``add`` post-op
   (``torch.ops.mkldnn._convolution_pointwise.binary``): the sum is taken in the conv's output write, in
   float32, one rounding, as before, instead of another pass over a [C, H, W] tensor;
 - **GroupNorm + x*sigmoid(x)**: the product is written in place (``h.mul_(torch.sigmoid(h))``), one
   fewer full-size temporary per norm (the same two ATen kernels, so the same bits).
+
+Bit-exactness is checked, not assumed: the first time a convolution meets an input shape, the fused
+form and the module both run and the fused form is kept only if the outputs are bitwise equal (torch
+sends some convolutions, e.g. 1x1 ones on small inputs, to a matmul instead of oneDNN; those stay
+modules). ``reuse_freed_memory()`` (below) removes the other cost the profile shows, page faults.
 
 Things that would change the last bits of z (and so, at a near-tie, a code) are NOT done here: oneDNN's
 fused ``swish`` post-op, ``F.silu`` (x / (1 + exp(-x)) rounds differently), ``scaled_dot_product_attention``
@@ -57,7 +62,7 @@ class FastEncoder:
         self._packs: OrderedDict[tuple, dict[int, torch.Tensor]] = OrderedDict()
         self._key: tuple = ()
         self._cur: dict[int, torch.Tensor] = {}
-        self._verified: dict[tuple, bool] = {}  # (conv, input shape, add?) -> fused form is bitwise equal
+        self._verified: dict[tuple, bool] = {}  # (conv, shape, add?, threads) -> fused form is bitwise equal
 
     def __getstate__(self) -> dict:  # copies (deepcopy of the VQGAN) start with empty caches
         return {**self.__dict__, "_packs": OrderedDict(), "_key": (), "_cur": {}, "_verified": {}}
@@ -96,7 +101,7 @@ class FastEncoder:
         oneDNN (1x1 ones on small inputs go to a matmul), and oneDNN may pick another kernel for a
         packed weight: so the first call per conv, input shape and add/no-add computes both and keeps
         the fused form only if it is bitwise equal; otherwise that conv keeps using the module."""
-        key = (id(m), tuple(x.shape), add is not None)
+        key = (id(m), tuple(x.shape), add is not None, torch.get_num_threads())  # kernels depend on all
         same = self._verified.get(key)
         if same is False:
             return _plain(m, x, add)
@@ -150,7 +155,7 @@ class FastEncoder:
         """x float32 [B, C, H, W] on CPU (any layout) -> z = quant_conv(encoder(x)), channels_last."""
         enc = self.encoder
         x = x.contiguous(memory_format=torch.channels_last)
-        self._select(tuple(x.shape))
+        self._select((*x.shape, torch.get_num_threads()))
         # taming keeps every level's output in a list ``hs`` (the full model's decoder-style skips);
         # the encoder only ever reads the last one, so only that one is kept alive here.
         h = self._conv(enc.conv_in, x)

@@ -48,6 +48,19 @@ def test_fast_encoder_gives_bitwise_the_modules_z(vq, shape):
             assert torch.equal(fast(x), modules_z(vq, x))
 
 
+def test_fast_encoder_stays_bitwise_when_the_thread_count_changes(vq):
+    # torch/oneDNN choose kernels by thread count (a 1x1 conv is a matmul at 1 thread, oneDNN at 2).
+    fast = vqgan_fast.FastEncoder(vq.encoder, vq.quant_conv)
+    x = pixels(1, 3, 32, 32, seed=5)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                assert torch.equal(fast(x), modules_z(vq, x))
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_encode_codes_are_the_same_with_and_without_the_fast_path(vq, tiny_tokenizer):
     x = pixels(3, 3, 32, 48, seed=1)
     fast = vq.encode(x)
@@ -80,7 +93,7 @@ def test_packed_weights_are_kept_for_a_bounded_number_of_shapes(vq, monkeypatch)
         for h in (32, 48, 64, 32):
             x = pixels(1, 3, h, 32, seed=h)
             assert torch.equal(fast(x), modules_z(vq, x))
-    assert list(fast._packs) == [(1, 3, 64, 32), (1, 3, 32, 32)]
+    assert [k[:4] for k in fast._packs] == [(1, 3, 64, 32), (1, 3, 32, 32)]
 
 
 def test_inputs_the_fast_path_cannot_take_run_the_modules(vq):
