@@ -1,25 +1,35 @@
-"""Benchmark: images/s of pre_tokenize.py against the bare VQGAN encode and a Lumina-style loop.
+"""Benchmark: images/s of pre_tokenize.py against a faithful Lumina-mGPT loop and the bare VQGAN encode.
 
-    python bench/bench_pretokenize.py                          # 64 images, target 256, as in bench/RESULTS.md
-    python bench/bench_pretokenize.py --images 128 --batch_size 16 --num_workers 2 --batched_pipeline
+    python bench/bench_pretokenize.py --profile --repeats 2   # 64 images, target 256, as in bench/RESULTS.md
+    python bench/bench_pretokenize.py --threads 1             # fairer on a machine shared with other jobs
+    python bench/bench_pretokenize.py --device cuda --images 256 --batch_size 32   # GPU (refused without CUDA)
 
 Builds, in a temp dir, a bundle whose VQGAN has Chameleon's real architecture (ch 128, ch_mult 1,1,2,2,4,
 2 res blocks, z/embed dim 256, 8192 codes; seeded random weights, bundle format) with the tiny bundle's
 text tokenizer, and ``--images`` JPEG photos-sized noise images (``--image_px`` square, so every item
 gets the target_size x target_size crop). Then, on the same machine and in this one run:
 
-  bare batched   the preprocessed tensors of all images, encoded ``--batch_size`` at a time
-                 (``VQGAN.encode``, channels_last as loaded): the encoder's ceiling;
-  bare per-image the same tensors one image per call (what the batch-invariant CPU path does);
-  lumina loop    one item at a time in one process, like Lumina's pre_tokenize.py: load + preprocess,
-                 encode, assemble, pickle the item to its own .pkl file;
-  pre_tokenize   the real script in a subprocess (``--num_workers``, ``--batch_size``), rate read off
-                 its record file as it grows; by default (CPU) each image of a batch is encoded alone
-                 (batch-invariant codes), and once more with ``--no_batch_invariant`` (whole batches).
+  bare batched     the preprocessed tensors, ``--batch_size`` per ``VQGAN.encode`` call (as loaded:
+                   channels_last with the fast path on CPU);
+  bare per-image   the same tensors one image per call (what pre_tokenize does on CPU: batch-invariant);
+  bare per-image, modules (before)   the same through the taming modules, as before model/vqgan_fast.py;
+  lumina loop      ``LuminaLoop`` below: Lumina-mGPT's pre_tokenize loop rewritten here faithfully (its
+                   preprocessing, its NCHW model and VQGAN call order, a .pkl per item);
+  pre_tokenize     the real script in a subprocess (``--num_workers``, ``--batch_size``), rate read off
+                   its record file as it grows; with ``--batched_pipeline`` once more with
+                   ``--no_batch_invariant`` (whole batches), and with ``--ablations`` once more with
+                   ``--no_reuse_freed_memory``.
+
+The in-process methods run with glibc's default malloc, as Lumina's loop does (``--reuse_freed_memory``
+gives all of them pre_tokenize's setting instead); the pre_tokenize runs are the script as shipped.
 
 Rates are steady state: the first batch of each method is excluded (oneDNN primitive creation, model
-loading, worker start-up). The three in-process methods run interleaved, batch by batch in rotating
-order, so that other jobs on a shared machine slow them alike; the load average is recorded.
+loading, worker start-up). The in-process methods run interleaved, batch by batch in rotating order, so
+that other jobs on a shared machine slow them alike; their CPU seconds per image (this process, all
+threads) are reported too, and the load average. The codes are compared: Lumina's loop vs ours, the fast
+path vs the modules, batched vs per-image (counts of differing codes). ``--profile`` first runs one image
+through each encoder under torch.profiler (self CPU time by op) and oneDNN's verbose log (primitives,
+reorders), which is what explains the differences.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import logging
 import os
 import pickle
 import platform
+import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,10 +54,12 @@ import torch
 import yaml
 from PIL import Image
 
+from data.image_preprocess import crop_sizes
 from data.item_processor import ItemProcessor
 from model.make_tiny_bundle import make_tiny_bundle
 from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan import VQGAN, VQGANConfig
+from model.vqgan import VQGAN, VQGANConfig, load_vqgan
+from model.vqgan_fast import reuse_freed_memory
 
 logger = logging.getLogger("bench_pretokenize")
 REPO = Path(__file__).resolve().parents[1]
@@ -89,42 +103,200 @@ def rate(times: list[float], warmup: int) -> float:
     return (len(times) - warmup) / (times[-1] - times[warmup - 1])
 
 
-def bare_batched(tok: ChameleonTokenizer, x: torch.Tensor) -> None:
-    tok.vqgan.encode(x)
+def bare_batched(tok: ChameleonTokenizer, x: torch.Tensor) -> torch.Tensor:
+    return tok.vqgan.encode(x).cpu()
 
 
-def bare_per_image(tok: ChameleonTokenizer, x: torch.Tensor) -> None:
-    for i in range(x.shape[0]):
-        tok.vqgan.encode(x[i:i + 1])
+def bare_per_image(tok: ChameleonTokenizer, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    tok.vqgan.fast_encode = fast
+    try:
+        return torch.cat([tok.vqgan.encode(x[i:i + 1]).cpu() for i in range(x.shape[0])])
+    finally:
+        tok.vqgan.fast_encode = True
 
 
-def lumina_loop(proc: ItemProcessor, items: list[dict], first_id: int, base: Path, out: Path) -> None:
-    """Lumina's pre_tokenize.py loop body: process one item, pickle it to its own file."""
-    for k, item in enumerate(items):
-        tokens, labels = proc.process_item(item, base)
-        with open(out / f"{first_id + k}.pkl", "wb") as f:
-            pickle.dump({"token": tokens, "label": labels, "id": first_id + k}, f)
+class LuminaLoop:
+    """A faithful copy (written here, not imported) of Lumina-mGPT's pre_tokenize.py loop on its
+    original-Chameleon image path (``FlexARItemProcessor.process_image`` with ``chameleon_vae_ori``):
+
+    per item: open the image, ``var_center_crop`` (crop list walk, BOX halving, BICUBIC cover, random
+    crop offset), ``ImageTokenizer.img_tokens_from_pil`` (whiten transparency, ``np.array / 255 * 2 - 1``
+    in float64, ``permute(2, 0, 1).to(conv_in.weight)``, which keeps the HWC strides: a channels_last-
+    strided float32 input, ``unsqueeze(0)``), ``VQModel.encode`` on the NCHW model as loaded (encoder,
+    quant_conv, ``VectorQuantizer2.forward``: distances, argmin, z_q, the two loss means, straight-through
+    z_q), codes -> BPE ids through a mapping tensor, the new-line column by ``torch.cat``, ``.tolist()``,
+    the image-block list; text turns encoded one by one; then ``pickle.dump`` of the item to its own file.
+    """
+
+    def __init__(self, tok: ChameleonTokenizer, vq: VQGAN, target_size: int, beta: float = 0.25):
+        self.tok, self.vq, self.beta = tok, vq, beta
+        # Lumina's generate_crop_size_list((target_size // 32) ** 2, 32): the same boundary walk as ours
+        self.crop_size_list = crop_sizes(target_size)
+        self.img2bpe = tok.codes_to_bpe(torch.arange(vq.config.n_embed))
+        self.rng = random.Random(0)
+
+    def var_center_crop(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        rem = [min(cw / w, ch / h) / max(cw / w, ch / h) for cw, ch in self.crop_size_list]
+        crop = sorted(zip(rem, self.crop_size_list), reverse=True)[0][1]
+        while img.size[0] >= 2 * crop[0] and img.size[1] >= 2 * crop[1]:
+            img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+        scale = max(crop[0] / img.size[0], crop[1] / img.size[1])
+        img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+        left, upper = self.rng.randint(0, img.size[0] - crop[0]), self.rng.randint(0, img.size[1] - crop[1])
+        return img.crop((left, upper, left + crop[0], upper + crop[1]))
+
+    @staticmethod
+    def whiten_transparency(img: Image.Image) -> Image.Image:
+        if img.mode == "RGB":
+            return img
+        rgba = np.array(img.convert("RGBA"))
+        if not (rgba[:, :, 3] < 255).any():
+            return img.convert("RGB")
+        a = rgba[:, :, 3] / 255.0
+        return Image.fromarray(((1 - a[:, :, None]) * 255 + a[:, :, None] * rgba[:, :, :3]).astype("uint8"), "RGB")
+
+    def vq_encode(self, img: torch.Tensor) -> torch.Tensor:
+        vq = self.vq
+        z = vq.quant_conv(vq.encoder(img))
+        z = z.permute(0, 2, 3, 1).contiguous()
+        flat = z.view(-1, vq.config.embed_dim)
+        emb = vq.quantize.embedding.weight
+        d = torch.sum(flat ** 2, dim=1, keepdim=True) + torch.sum(emb ** 2, dim=1) \
+            - 2 * torch.einsum("bd,dn->bn", flat, emb.transpose(0, 1))
+        idx = torch.argmin(d, dim=1)
+        z_q = vq.quantize.embedding(idx).view(z.shape)
+        _loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
+        z_q = (z + (z_q - z).detach()).permute(0, 3, 1, 2).contiguous()
+        return idx
+
+    @torch.no_grad()
+    def process_image(self, path: Path) -> list[int]:
+        image = self.var_center_crop(Image.open(path))
+        w_grids, h_grids = image.size[0] // 32, image.size[1] // 32
+        np_img = np.array(self.whiten_transparency(image)) / 255.0
+        np_img = np_img * 2 - 1
+        img = torch.from_numpy(np_img).permute(2, 0, 1).to(self.vq.encoder.conv_in.weight).unsqueeze(0)
+        toks = self.img2bpe.to(img.device)[self.vq_encode(img)].view(-1)
+        full = toks.reshape(image.size[1] // 16, image.size[0] // 16)
+        nl = self.tok.token_id("<reserved08799>")
+        full = torch.cat((full, torch.ones(image.size[1] // 16, 1, device=full.device, dtype=full.dtype) * nl),
+                         dim=1).flatten()
+        return [self.tok.token_id("<racm3:break>"), self.tok.size_token_id(h_grids),
+                self.tok.size_token_id(w_grids), *full.tolist(), self.tok.token_id("<eoss>")]
+
+    def process_item(self, item: dict, base: Path) -> tuple[list[int], list[int], list[list[int]]]:
+        tokens, labels, blocks = [self.tok.bos_id], [-100], []
+        images = iter(item["image"])
+        for k, msg in enumerate(item["conversations"]):
+            for j, part in enumerate(msg["value"].split("<|image|>")):
+                if j:
+                    blocks.append(self.process_image(base / next(images)))
+                    tokens += blocks[-1]
+                    labels += blocks[-1] if k % 2 else [-100] * len(blocks[-1])
+                ids = self.tok.encode_text(part)
+                tokens += ids
+                labels += ids if k % 2 else [-100] * len(ids)
+            tokens.append(self.tok.eot_id)
+            labels.append(self.tok.eot_id if k % 2 else -100)
+        return tokens, labels, blocks
+
+    def run(self, items: list[dict], first_id: int, base: Path, out: Path) -> list[list[int]]:
+        """Lumina's pre_tokenize.py loop body; returns the image blocks (to compare codes)."""
+        blocks = []
+        for k, item in enumerate(items):
+            tokens, labels, b = self.process_item(item, base)
+            blocks += b
+            with open(out / f"{first_id + k}.pkl", "wb") as f:
+                pickle.dump({"token": tokens, "label": labels, "id": first_id + k}, f)
+        return blocks
 
 
-def interleaved(methods: dict, rounds: int) -> dict[str, float]:
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def interleaved(methods: dict, rounds: int, device: torch.device) -> tuple[dict, dict, dict]:
     """Runs every method on round k's images before any method on round k+1 (rotating the order), so
-    that a change in the machine's load hits all methods alike; round 0 warms up and is not counted."""
+    that a change in the machine's load hits all methods alike; round 0 warms up and is not counted.
+    Returns wall seconds, CPU seconds (this process, all threads) and each method's outputs by round."""
     spent = {name: 0.0 for name in methods}
+    cpu = {name: 0.0 for name in methods}
+    outputs: dict[str, list] = {name: [] for name in methods}
     names = list(methods)
     for k in range(rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
-            t0 = time.perf_counter()
-            methods[name](k)
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            outputs[name].append(methods[name](k))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if k:
                 spent[name] += time.perf_counter() - t0
+                cpu[name] += cpu_seconds() - c0
         logger.info("round %d/%d done; load average %.2f", k + 1, rounds, os.getloadavg()[0])
-    return spent
+    return spent, cpu, outputs
+
+
+def onednn_calls(fn) -> dict[str, dict]:
+    """Runs ``fn`` with oneDNN's verbose log on (fd 1 redirected to a file) and sums the executed
+    primitives by kind and implementation: {"convolution brg_conv_fwd:avx2": {"n": 30, "ms": 612.0}}."""
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryFile(mode="w+") as f:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        for line in f:
+            p = line.strip().split(",")
+            if len(p) > 7 and p[0] == "onednn_verbose" and p[3] == "exec":
+                e = out.setdefault(f"{p[5]} {p[6]}", {"n": 0, "ms": 0.0})
+                e["n"] += 1
+                e["ms"] += float(p[-1])
+    return out
+
+
+def profile_encoders(variants: dict, top: int = 8) -> dict:
+    """Self CPU time by op (torch.profiler) and oneDNN primitives of one call of each variant, after a
+    warm-up call; what explains the differences between the encoders (bench/RESULTS.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    report = {}
+    for name, fn in variants.items():
+        fn()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        fn()
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        ops: dict[str, float] = {}
+        for e in prof.key_averages():
+            ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e3
+        total = sum(ops.values())
+        report[name] = {"wall_s": wall, "cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                        "sys_s": r1.ru_stime - r0.ru_stime, "page_faults": r1.ru_minflt - r0.ru_minflt,
+                        "self_cpu_ms_total": total, "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top]),
+                        "onednn": onednn_calls(fn)}
+        logger.info("profile %s: wall %.2f s, CPU %.2f s (system %.2f s), %d page faults; profiler: %.0f ms "
+                    "self CPU; %s", name, wall, report[name]["cpu_s"], report[name]["sys_s"],
+                    report[name]["page_faults"], total,
+                    ", ".join(f"{k} {v:.0f}" for k, v in report[name]["top_ops_ms"].items()))
+        for k, v in sorted(report[name]["onednn"].items()):
+            logger.info("   oneDNN %-36s n=%-3d %.0f ms", k, v["n"], v["ms"])
+    return report
 
 
 def bench_script(data: Path, bundle: Path, out: Path, args, *extra: str) -> tuple[list[float], str, str]:
     cmd = [sys.executable, "pre_tokenize/pre_tokenize.py", "--in_filename", str(data), "--out_dir", str(out),
            "--tokenizer_dir", str(bundle), "--target_size", str(args.target_size), "--batch_size",
-           str(args.batch_size), "--num_workers", str(args.num_workers), "--device", "cpu", "--commit_items", "1",
+           str(args.batch_size), "--num_workers", str(args.num_workers), "--device", args.device, "--commit_items", "1",
            "--threads", str(args.threads), "--no_progress", *extra]
     rec = out / "0-of-1-record.jsonl"
     p = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -141,6 +313,10 @@ def bench_script(data: Path, bundle: Path, out: Path, args, *extra: str) -> tupl
     return seen, " ".join(cmd[1:]), log
 
 
+def count_differing(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]:
+    return sum(int((np.asarray(x) != np.asarray(y)).sum()) for x, y in zip(a, b)), sum(np.asarray(x).size for x in a)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="number of images (one per item)")
@@ -149,62 +325,120 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="VQGAN batch for bare batched and pre_tokenize")
     parser.add_argument("--num_workers", type=int, default=1, help="pre_tokenize --num_workers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for every method (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N for the GPU comparison (batched "
+                        "encode and pre_tokenize.py vs the per-item loop on the same GPU); refused without CUDA")
     parser.add_argument("--batched_pipeline", action="store_true",
                         help="also run pre_tokenize with --no_batch_invariant (whole batches per VQGAN call)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run pre_tokenize with --no_reuse_freed_memory (glibc returns freed memory)")
+    parser.add_argument("--reuse_freed_memory", action="store_true",
+                        help="apply pre_tokenize's reuse_freed_memory (glibc mallopt) to this process too, so the "
+                             "in-process methods (Lumina's loop included) all run with it")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the interleaved methods and pre_tokenize this many times (figures per repeat)")
+    parser.add_argument("--profile", action="store_true",
+                        help="first profile one image through each encoder (torch.profiler + oneDNN verbose, "
+                        "CPU and system time, page faults)")
+    parser.add_argument("--profile_only", action="store_true", help="--profile, then stop")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pretokenize.json",
                         help="where to write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.images < 3 * args.batch_size:
         parser.error("--images must be at least 3 * --batch_size (the first batch is a warm-up)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False (no GPU or a CPU-only torch "
+                     f"build); run without --device for the CPU comparison")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory and not reuse_freed_memory():
+        parser.error("--reuse_freed_memory: glibc's mallopt is not available here")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle")
         data = make_images(tmp, args.images, args.image_px)
         items = json.loads(data.read_text())
-        tok = ChameleonTokenizer.from_bundle(bundle)
+        tok = ChameleonTokenizer.from_bundle(bundle, device=device)
+        # Lumina loads the VQGAN as it is (NCHW parameters), with its own loop around it.
+        lumina = LuminaLoop(tok, load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", device=device,
+                                            channels_last=False), args.target_size)
         proc = ItemProcessor(tok, args.target_size)
         pixels = [im for it in items for im in proc.prepare(it, tmp).images]
-        logger.info("%d images preprocessed to %s; torch %s, %d threads, channels_last=%s", len(pixels),
-                    pixels[0].shape, torch.__version__, torch.get_num_threads(), tok.vqgan.channels_last)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        logger.info("%d images preprocessed to %s; torch %s, %d threads, device %s, channels_last=%s",
+                    len(pixels), pixels[0].shape, torch.__version__, torch.get_num_threads(), device,
+                    tok.vqgan.channels_last)
         (tmp / "lumina").mkdir()
         b = args.batch_size
         x = torch.from_numpy(np.stack(pixels))
+        report = {"args": {k: str(v) for k, v in vars(args).items()},
+                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                  "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        if args.profile or args.profile_only:
+            with torch.no_grad():
+                x0 = x[:1]
+                report["profile"] = profile_encoders({
+                    "ours (fast path)": lambda: tok.vqgan.encode(x0),
+                    "ours before (modules, channels_last)": lambda: bare_per_image(tok, x0, fast=False),
+                    "lumina (NCHW model, channels_last-strided input)":
+                        lambda: lumina.process_image(tmp / items[0]["image"][0])})
+        if args.profile_only:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+            return
         methods = {"bare batched": lambda k: bare_batched(tok, x[k * b:(k + 1) * b]),
                    "bare per-image": lambda k: bare_per_image(tok, x[k * b:(k + 1) * b]),
-                   "lumina loop": lambda k: lumina_loop(proc, items[k * b:(k + 1) * b], k * b, tmp, tmp / "lumina")}
-        load = {"before": os.getloadavg()[0]}
-        spent = interleaved(methods, len(items) // b)
-        counted = (len(items) // b - 1) * b
-        results = {name: {"images_per_s": counted / t, "seconds": t} for name, t in spent.items()}
-        load["after in-process methods"] = os.getloadavg()[0]
-        runs = [("pre_tokenize", ())] + ([("pre_tokenize --no_batch_invariant", ("--no_batch_invariant",))]
-                                         if args.batched_pipeline else [])
-        for name, extra in runs:
-            t0 = time.perf_counter()
-            times, cmd, log = bench_script(data, bundle, tmp / name.replace(" ", "_"), args, *extra)
-            results[name] = {"images_per_s": rate(times, b), "seconds": time.perf_counter() - t0,
-                             "command": cmd, "summary": log.strip().splitlines()[-1]}
-            load[f"after {name}"] = os.getloadavg()[0]
-        for name, r in results.items():
-            logger.info("%-34s %.3f images/s (steady)", name, r["images_per_s"])
-
-    base = results["bare batched"]["images_per_s"]
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
-              "results": results,
-              "pre_tokenize_vs_bare_batched": results["pre_tokenize"]["images_per_s"] / base,
-              "pre_tokenize_vs_lumina_loop": results["pre_tokenize"]["images_per_s"]
-              / results["lumina loop"]["images_per_s"]}
+                   "bare per-image, modules (before)": lambda k: bare_per_image(tok, x[k * b:(k + 1) * b], False),
+                   "lumina loop": lambda k: lumina.run(items[k * b:(k + 1) * b], k * b, tmp, tmp / "lumina")}
+        if device.type == "cuda":  # the fast path is CPU-only; per-image is pre_tokenize's CPU default
+            del methods["bare per-image, modules (before)"]
+        rounds = len(items) // b
+        counted = (rounds - 1) * b
+        report["repeats"] = []
+        for rep in range(args.repeats):
+            load = {"before": os.getloadavg()[0]}
+            spent, cpu, outputs = interleaved(methods, rounds, device)
+            load["after in-process methods"] = os.getloadavg()[0]
+            results = {name: {"images_per_s": counted / spent[name], "seconds": spent[name],
+                              "cpu_s_per_image": cpu[name] / counted} for name in methods}
+            per_image = [c.numpy() for r in outputs["bare per-image"] for c in r]
+            lumina_codes = [tok.parse_image_block(blk) for r in outputs["lumina loop"] for blk in r]
+            codes = {"lumina loop vs ours": count_differing(lumina_codes, per_image),
+                     "bare batched vs per-image": count_differing([c.numpy() for r in outputs["bare batched"]
+                                                                   for c in r], per_image)}
+            if "bare per-image, modules (before)" in outputs:
+                codes["fast path vs modules"] = count_differing(
+                    [c.numpy() for r in outputs["bare per-image, modules (before)"] for c in r], per_image)
+            runs = [("pre_tokenize", ())] + ([("pre_tokenize --no_batch_invariant", ("--no_batch_invariant",))]
+                                             if args.batched_pipeline else []) \
+                + ([("pre_tokenize --no_reuse_freed_memory", ("--no_reuse_freed_memory",))] if args.ablations else [])
+            for name, extra in runs:
+                t0 = time.perf_counter()
+                times, cmd, log = bench_script(data, bundle, tmp / f"{name.replace(' ', '_')}_{rep}", args, *extra)
+                results[name] = {"images_per_s": rate(times, b), "seconds": time.perf_counter() - t0,
+                                 "command": cmd, "summary": log.strip().splitlines()[-1]}
+                load[f"after {name}"] = os.getloadavg()[0]
+            base = results["lumina loop"]["images_per_s"]
+            rep_report = {"load_average": load, "results": results, "codes_differing": codes,
+                          "vs_lumina_loop": {n: r["images_per_s"] / base for n, r in results.items()}}
+            report["repeats"].append(rep_report)
+            print(f"\nrepeat {rep + 1}/{args.repeats}, load average {load}")
+            print("| method | images/s (steady) | vs Lumina loop | CPU s / image (this process) |\n|---|---|---|---|")
+            for name, r in results.items():
+                c = f"{r['cpu_s_per_image']:.2f}" if "cpu_s_per_image" in r else "-"
+                print(f"| {name} | {r['images_per_s']:.3f} | {r['images_per_s'] / base:.2f}x | {c} |")
+            for name, (n, total) in codes.items():
+                print(f"codes differing, {name}: {n} of {total}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print("| method | images/s (steady) | vs bare batched |\n|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['images_per_s']:.3f} | {r['images_per_s'] / base:.2f}x |")
-    print(f"\npre_tokenize / lumina loop = {report['pre_tokenize_vs_lumina_loop']:.2f}x; written {args.out}")
+    print(f"written {args.out}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import torch.nn as nn
 import yaml
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 
+from model.vqgan_fast import FastEncoder
+
 logger = logging.getLogger(__name__)
 
 # Keys a training checkpoint may carry besides the model (the GAN discriminator and LPIPS of taming's
@@ -169,6 +171,9 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.channels_last = False
+        # The encoder's CPU fast path (model/vqgan_fast.py): same bits as the modules in channels_last.
+        self.fast_encode = True
+        self._fast = FastEncoder(self.encoder, self.quant_conv)
 
     @property
     def device(self) -> torch.device:
@@ -194,7 +199,10 @@ class VQGAN(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _precise_cuda(x.device):
-            z = self.quant_conv(self.encoder(x))
+            if self.fast_encode and self.channels_last and self._fast.supports(x):
+                z = self._fast(x)
+            else:
+                z = self.quant_conv(self.encoder(x))
             return self.quantize.codes(z)
 
     @torch.no_grad()
