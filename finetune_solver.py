@@ -488,11 +488,11 @@ def _step_row(m: dict, *, step: int, epoch: int, it: int, lr: float, dt: float, 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the run
+# the parts train() wires together, each built or called once
 
 
-def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
-    out = Path(a.output_dir)
+def _setup_precision(a: TrainArgs, device: torch.device) -> None:
+    """TF32 when asked on a GPU; warnings for precisions that are slow or unscaled here; no-op flags noted."""
     if a.precision == "tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -502,14 +502,12 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         logger.warning("--precision fp16 runs without loss scaling (as Lumina); bf16 is the safe choice")
     if a.cache_ann_on_disk:
         logger.info("--cache_ann_on_disk: our record index is always memory-mapped; nothing to do")
-    init_model_parallel(a.model_parallel_size)
-    seed_everything(a.seed + rank)
-    global_batch = a.batch_size * a.accum_iter * world
-    logger.info("world size %d, global batch %d = batch_size %d x accum_iter %d x %d ranks", world, global_batch,
-                a.batch_size, a.accum_iter, world)
 
-    # what to resume from: decided on rank 0 (all ranks must agree), checked before the model is built
-    resume: Path | None = None
+
+def _decide_resume(a: TrainArgs, out: Path, rank: int) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), decided on rank 0 (all ranks must agree) and checked
+    before the model is built; a CheckpointError from rank 0 is raised on every rank."""
+    resume: object = None
     if rank == 0:
         try:
             if a.resume_path:
@@ -524,8 +522,24 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     resume = _broadcast(resume, rank)
     if resume is not None:
         logger.info("resuming from %s", resume)
+    return resume
 
-    # model: built on the meta device, sharded, then materialised shard by shard
+
+@dataclass
+class _Model:
+    """The sharded model of the run, its optimizer and what the rest of train() needs to know about it."""
+    lm: ChameleonLM
+    optimizer: torch.optim.Optimizer
+    config: object  # ChameleonConfig
+    model_dir: str  # the initial HF weights
+    n_params_no_embed: int
+    n_trainable: int
+    partial: bool  # resuming from a --only_save_trainable checkpoint (loaded on top of its base weights)
+
+
+def _build_model(a: TrainArgs, rank: int, world: int, device: torch.device, resume: Path | None) -> _Model:
+    """The model built on the meta device, sharded, then materialised shard by shard; LoRA/trainable subsets
+    applied; initial weights loaded unless the checkpoint holds every tensor; the optimizer attached."""
     model_dir, cfg_dict = _resolve_model_dir(a, rank, resume)
     config = config_from_dict(cfg_dict, where=f"{model_dir}/config.json")
     problem = a.export_hf and a.export_layout != "hf" and lumina_export_problem(config)
@@ -554,14 +568,16 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
             _load_initial_weights(lm, model_dir, rank)
     optimizer = attach_to_optimizer(build_optimizer(lm, lr=a.lr, weight_decay=a.wd,
                                                     decay_norm_and_bias=a.decay_norm_and_bias), lm)
+    return _Model(lm, optimizer, config, model_dir, n_params_no_embed, n_trainable, bool(partial))
 
-    # data
+
+def _build_data(a: TrainArgs, rank: int, world: int, pad_id: int, global_batch: int):
+    """Record indexes (one builder per machine, then a barrier) and the training data of this rank."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per machine; a file lock dedups shared FSs
         for cfg_path in (a.data_config, a.val_data_config):
             if cfg_path is not None:
                 build_indexes(cfg_path)
     dist.barrier()
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     data = build_train_data(a.data_config, max_seq_len=a.max_seq_len, micro_batch_size=a.batch_size,
                             accum_iter=a.accum_iter, world_size=world, rank=rank, seed=a.seed,
                             length_clustering=a.length_clustering, packing=a.packing, num_workers=a.num_workers,
@@ -569,55 +585,133 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     if data.sampler.steps_per_epoch < 1:
         raise TrainingStopped(f"--data_config {a.data_config}: {len(data.dataset)} items make no global batch of "
                               f"{global_batch}; lower --batch_size / --accum_iter or add data")
+    return data
 
+
+def _restore(a: TrainArgs, resume: Path | None, m: _Model, data, type_loss: TypeLoss, *, rank: int, world: int,
+             global_batch: int) -> tuple[int, int, object]:
+    """(start epoch, global step, RNG state to restore at the epoch's start or None) of the run; on resume the
+    model, optimizer, sampler and per-type losses are loaded from the checkpoint."""
+    if resume is None:
+        return 0, 0, None
+    st = ckpt.load_checkpoint(resume, model=m.lm, optimizer=m.optimizer, model_keys=saved_model_keys(m.lm, m.partial))
+    if st["global_batch_size"] != global_batch:
+        logger.warning("the global batch changed from %d to %d since the checkpoint: the rest of the epoch is "
+                       "re-batched (nothing replayed or skipped), but losses differ from the original run",
+                       st["global_batch_size"], global_batch)
+    data.sampler.load_state_dict(st["sampler"])
+    start_epoch = st["epoch"] + 1 if st["epoch_done"] else st["epoch"]
+    global_step = st["global_step"]
+    type_loss.load_state_dict(st.get("type_loss", {}))
+    pending_rng = ckpt.load_rng(resume, rank) if st["world_size"] == world else None
+    if pending_rng is None:
+        logger.warning("checkpoint written by %d ranks, now %d: RNG streams restart from the seed",
+                       st["world_size"], world)
+        seed_everything(a.seed + rank + 1_000_003 * global_step)
+    return start_epoch, global_step, pending_rng
+
+
+def _hf_export(a: TrainArgs, m: _Model, rank: int):
+    """The export an epoch checkpoint runs with --export_hf: HF and/or Lumina layout (LoRA: adapter + merged)."""
+    def export(path: Path) -> None:
+        full = ckpt.gather_full_model_state(m.lm)
+        if rank == 0:
+            full = merged_hf_state(full, m.lm, path / "adapter", base=m.model_dir)  # LoRA: adapter + merged
+        if rank == 0 and a.export_layout in ("hf", "both"):
+            vq = _read_vq(m.model_dir, m.config)
+            ckpt.save_hf(full, m.config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
+        if rank == 0 and a.export_layout in ("lumina", "both"):
+            save_lumina(full, m.config, path.parent / "lumina", dtype=DTYPES[a.precision], flags=vars(a))
+    return export
+
+
+class _Saver:
+    """Writes a checkpoint of the run (model, optimizer, trainer state, RNG; the export at epoch ends)."""
+
+    def __init__(self, a: TrainArgs, out: Path, m: _Model, data, type_loss: TypeLoss, *, rank: int, world: int,
+                 global_batch: int):
+        self.a, self.out, self.m, self.data, self.type_loss = a, out, m, data, type_loss
+        self.rank, self.world, self.global_batch = rank, world, global_batch
+        partial_saves = saved_model_keys(m.lm, a.only_save_trainable) is not None  # else it holds every tensor
+        self.base_record = base_model_record(m.model_dir, partial_saves) if rank == 0 else {}
+
+    def __call__(self, name: str, epoch: int, it: int, epoch_done: bool, global_step: int) -> Path:
+        a, m, sampler = self.a, self.m, self.data.sampler
+        state = {"epoch": epoch, "iter": it, "global_step": global_step, "epoch_done": epoch_done,
+                 "sampler": sampler.state_dict(), "world_size": self.world, "global_batch_size": self.global_batch,
+                 "steps_per_epoch": sampler.steps_per_epoch, "type_loss": self.type_loss.state_dict(),
+                 **self.base_record}
+        export = _hf_export(a, m, self.rank) if epoch_done and a.export_hf else None
+        return ckpt.save_checkpoint(self.out, name, model=m.lm, optimizer=m.optimizer, train_state=state,
+                                    args=dataclasses.asdict(a), hf_config=json.loads(m.config.to_json_string()),
+                                    max_keep=a.ckpt_max_keep, export=export,
+                                    model_keys=saved_model_keys(m.lm, a.only_save_trainable))
+
+
+def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: int, global_step: int, spe: int,
+                   skip: SkipRanges, type_loss: TypeLoss, out: Path, world: int, device: torch.device) -> dict | None:
+    """Consumes the next global batch and trains on it (or skips it, --skip_iterations); the metrics row of a
+    trained step, None for a skipped one."""
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    where = f"step {global_step + 1} (epoch {epoch}, iter {it + 1})"
+    batch_type = data.dataset.type_names[data.sampler.type_of_step(it)]
+    micro = _next_global_batch(batches, a.accum_iter, where)
+    t_data = time.perf_counter() - t0
+    lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
+    if global_step + 1 in skip:
+        logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
+                    "forward, backward or update", where, skip, batch_type)
+        return None
+    r = _checked_train_step(m.lm, m.optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
+                            n_params_no_embed=m.n_params_no_embed)
+    return {**_step_row(r, step=global_step + 1, epoch=epoch, it=it + 1, lr=lr, dt=time.perf_counter() - t0,
+                        t_data=t_data, world=world, device=device, batch_type=batch_type),
+            "trainable_params": m.n_trainable, **type_loss.update(batch_type, r["loss"])}
+
+
+def _evaluate(evaluator: Evaluator | None, lm: ChameleonLM, row: dict | None, *, step: int, epoch: int, it: int,
+              spe: int) -> dict | None:
+    """``row`` with the validation losses added when an evaluation is due after this step (a skipped step
+    gets a row of its own)."""
+    if evaluator is None or not evaluator.due(step, epoch_end=it == spe):
+        return row
+    return {**(row or {"step": step, "epoch": epoch, "iter": it, "skipped": True}), **evaluator.run(lm)}
+
+
+def _log_row(metrics: MetricsWriter, row: dict | None, *, step: int, log_every: int, total_steps: int) -> None:
+    """metrics.jsonl (and dashboards) every --log_every steps and after every evaluation; the console line."""
+    if row is not None and (step % log_every == 0 or "val_loss" in row):
+        metrics.write(row)
+        if "loss" in row:
+            logger.info(format_console(row, total_steps))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
+    out = Path(a.output_dir)
+    _setup_precision(a, device)
+    init_model_parallel(a.model_parallel_size)
+    seed_everything(a.seed + rank)
+    global_batch = a.batch_size * a.accum_iter * world
+    logger.info("world size %d, global batch %d = batch_size %d x accum_iter %d x %d ranks", world, global_batch,
+                a.batch_size, a.accum_iter, world)
+    resume = _decide_resume(a, out, rank)
+    m = _build_model(a, rank, world, device, resume)
+    pad_id = m.config.pad_token_id if m.config.pad_token_id is not None else 0
+    data = _build_data(a, rank, world, pad_id, global_batch)
     evaluator = _build_evaluator(a, rank, world, device, pad_id)
     skip = SkipRanges.parse(a.skip_iterations)
     type_loss = TypeLoss(a.type_loss_window)
-
-    # resume state
-    start_epoch, global_step, pending_rng = 0, 0, None
-    if resume is not None:
-        st = ckpt.load_checkpoint(resume, model=lm, optimizer=optimizer, model_keys=saved_model_keys(lm, partial))
-        if st["global_batch_size"] != global_batch:
-            logger.warning("the global batch changed from %d to %d since the checkpoint: the rest of the epoch is "
-                           "re-batched (nothing replayed or skipped), but losses differ from the original run",
-                           st["global_batch_size"], global_batch)
-        data.sampler.load_state_dict(st["sampler"])
-        start_epoch = st["epoch"] + 1 if st["epoch_done"] else st["epoch"]
-        global_step = st["global_step"]
-        type_loss.load_state_dict(st.get("type_loss", {}))
-        pending_rng = ckpt.load_rng(resume, rank) if st["world_size"] == world else None
-        if pending_rng is None:
-            logger.warning("checkpoint written by %d ranks, now %d: RNG streams restart from the seed",
-                           st["world_size"], world)
-            seed_everything(a.seed + rank + 1_000_003 * global_step)
-
-    def save(name: str, epoch: int, it: int, epoch_done: bool) -> Path:
-        state = {"epoch": epoch, "iter": it, "global_step": global_step, "epoch_done": epoch_done,
-                 "sampler": data.sampler.state_dict(), "world_size": world, "global_batch_size": global_batch,
-                 "steps_per_epoch": data.sampler.steps_per_epoch, "type_loss": type_loss.state_dict(), **base_record}
-        export = None
-        if epoch_done and a.export_hf:
-            def export(path: Path) -> None:
-                full = ckpt.gather_full_model_state(lm)
-                if rank == 0:
-                    full = merged_hf_state(full, lm, path / "adapter", base=model_dir)  # LoRA: adapter + merged
-                if rank == 0 and a.export_layout in ("hf", "both"):
-                    vq = _read_vq(model_dir, config)
-                    ckpt.save_hf(full, config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
-                if rank == 0 and a.export_layout in ("lumina", "both"):
-                    save_lumina(full, config, path.parent / "lumina", dtype=DTYPES[a.precision], flags=vars(a))
-        return ckpt.save_checkpoint(out, name, model=lm, optimizer=optimizer, train_state=state,
-                                    args=dataclasses.asdict(a), hf_config=json.loads(config.to_json_string()),
-                                    max_keep=a.ckpt_max_keep, export=export,
-                                    model_keys=saved_model_keys(lm, a.only_save_trainable))
-
-    partial_saves = saved_model_keys(lm, a.only_save_trainable) is not None  # else it holds every tensor anyway
-    base_record = base_model_record(model_dir, partial_saves) if rank == 0 else {}
-
+    start_epoch, global_step, pending_rng = _restore(a, resume, m, data, type_loss, rank=rank, world=world,
+                                                     global_batch=global_batch)
+    save = _Saver(a, out, m, data, type_loss, rank=rank, world=world, global_batch=global_batch)
     metrics = _open_metrics(a, out, rank, resumed_step=global_step if resume is not None else None)
-    samples = TrainingSamples.build(a, lm, rank, device)
-    lm.train()
+    samples = TrainingSamples.build(a, m.lm, rank, device)
+    m.lm.train()
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
     total_steps = a.epochs * spe
@@ -636,50 +730,29 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
             if pending_rng is not None:
                 ckpt.restore_rng(pending_rng)
                 pending_rng = None
+            epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
             while it_in_epoch < spe:
                 if a.max_steps is not None and global_step >= a.max_steps:
                     stop = True
                     break
-                reset_peak_memory(device)
-                t0 = time.perf_counter()
-                where = f"step {global_step + 1} (epoch {epoch}, iter {it_in_epoch + 1})"
-                batch_type = data.dataset.type_names[data.sampler.type_of_step(it_in_epoch)]
-                micro = _next_global_batch(batches, a.accum_iter, where)
-                t_data = time.perf_counter() - t0
-                lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
-                row = None
-                if global_step + 1 in skip:
-                    logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
-                                "forward, backward or update", where, skip, batch_type)
-                else:
-                    m = _checked_train_step(lm, optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
-                                            n_params_no_embed=n_params_no_embed)
-                    row = {**_step_row(m, step=global_step + 1, epoch=epoch, it=it_in_epoch + 1, lr=lr,
-                                       dt=time.perf_counter() - t0, t_data=t_data, world=world, device=device,
-                                       batch_type=batch_type), "trainable_params": n_trainable,
-                           **type_loss.update(batch_type, m["loss"])}
+                row = _train_or_skip(a, m, data, batches, epoch=epoch, it=it_in_epoch, global_step=global_step,
+                                     spe=spe, skip=skip, type_loss=type_loss, out=out, world=world, device=device)
                 global_step += 1
                 it_in_epoch += 1
-                if evaluator is not None and evaluator.due(global_step, epoch_end=it_in_epoch == spe):
-                    row = {**(row or {"step": global_step, "epoch": epoch, "iter": it_in_epoch, "skipped": True}),
-                           **evaluator.run(lm)}
-                if row is not None and (global_step % a.log_every == 0 or "val_loss" in row):
-                    metrics.write(row)
-                    if "loss" in row:
-                        logger.info(format_console(row, total_steps))
-                epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
+                row = _evaluate(evaluator, m.lm, row, step=global_step, epoch=epoch, it=it_in_epoch, spe=spe)
+                _log_row(metrics, row, step=global_step, log_every=a.log_every, total_steps=total_steps)
                 if (a.save_iteration_interval and it_in_epoch % a.save_iteration_interval == 0
                         and not (it_in_epoch == spe and epoch_save_due)):
-                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
+                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, False, global_step)
                     last_saved = global_step
                 samples.after_step(global_step)
             if stop:
                 if last_saved != global_step and global_step > 0:
-                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, epoch_done=False)
+                    save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, False, global_step)
                 logger.info("stopped at --max_steps %d", a.max_steps)
                 break
-            if epoch % a.save_interval == 0 or epoch + 1 == a.epochs:
-                save(ckpt.ckpt_name(epoch), epoch, spe, epoch_done=True)
+            if epoch_save_due:
+                save(ckpt.ckpt_name(epoch), epoch, spe, True, global_step)
                 last_saved = global_step
             samples.at_epoch_end(global_step)
         logger.info("training done: %d steps", global_step)
