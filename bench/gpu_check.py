@@ -5,6 +5,8 @@
     python bench/gpu_check.py pretok --out DIR     # real-width VQGAN on CUDA: batched vs --batch_invariant
     python bench/gpu_check.py pinned --out DIR     # the trainer's DataLoader with pinned memory
     python bench/gpu_check.py resume --out DIR     # bf16 training on CUDA stopped and resumed: bitwise losses
+    python bench/gpu_check.py generate --out DIR   # bench_generate.py in bf16: ours vs transformers vs Lumina loop
+    python bench/gpu_check.py encode --out DIR     # bench_pretokenize.py: batched CUDA encode vs the Lumina loop
     python bench/gpu_check.py table RESULTS.jsonl  # the one table gpu_check.sh prints
 
 Every section writes ``{"section", "ok", "metrics": {...}, "note"}`` as one JSON line on stdout (prefixed
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("train", "nccl", "pretok", "pinned", "resume")
+SECTIONS = ("train", "nccl", "pretok", "pinned", "resume", "generate", "encode")
 PREFIX = "GPUCHECK "
 
 # ~1.08B parameters at Chameleon's vocabulary: hidden 2048, 16 layers, 16 heads, MLP 5504
@@ -246,6 +248,55 @@ def section_resume(a) -> None:
          "tiny model, bf16 on CUDA, dropout 0.1, stop at step 2, resume, steps 3-4 compared with ==")
 
 
+def _bench(section: str, a, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Runs one of bench/'s scripts on CUDA; its whole output goes to {out}/{section}_bench.log."""
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (Path(a.out) / f"{section}_bench.log").write_text(r.stdout + r.stderr)
+    return r
+
+
+def _first_table(text: str) -> list[list[str]]:
+    """The body rows (cells) of the first markdown table in ``text``."""
+    rows, started = [], False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not set(cells[0]) <= set("-") and cells[0] != "method":
+                rows.append(cells)
+        elif started:
+            break
+    return rows
+
+
+def section_generate(a) -> None:
+    """bench/bench_generate.py in bf16 on CUDA: image tokens/s of ours vs transformers generate with Lumina's
+    processors vs a Lumina-style two-forward loop, batch 1 with CFG (issue 10's comparison on a GPU)."""
+    r = _bench("generate", a, [sys.executable, "bench/bench_generate.py", "--device", "cuda", "--precision", "bf16",
+                               "--reps", "3", "--batch_sizes", "1,8,32"])
+    metrics = {}
+    for cells in _first_table(r.stdout):  # | method | tokens/s (wall) | tokens/CPU-s | ours / method (wall) | ...
+        metrics[f"{cells[0]} tokens_per_s"] = cells[1].split()[0]
+        metrics[f"ours / {cells[0]}"] = cells[3]
+    emit("generate", r.returncode == 0 and bool(metrics), metrics,
+         f"bench_generate.py defaults, bf16, cfg 4; goals >= 1.0x transformers, >= 1.8x Lumina loop; "
+         f"batch scaling in {Path(a.out) / 'generate_bench.log'}")
+
+
+def section_encode(a) -> None:
+    """bench/bench_pretokenize.py --device cuda: the real-width VQGAN encode in whole batches on CUDA (and
+    pre_tokenize.py) vs the per-item Lumina loop, images/s (issue 15's GPU goal: >= 3x)."""
+    out = Path(a.out) / "encode.json"
+    r = _bench("encode", a, [sys.executable, "bench/bench_pretokenize.py", "--device", "cuda", "--images",
+                             str(a.images), "--batch_size", "16", "--out", str(out)])
+    metrics = {}
+    if r.returncode == 0 and out.is_file():
+        rep = json.loads(out.read_text())["repeats"][-1]
+        metrics = {f"{name} images_per_s": round(v["images_per_s"], 2) for name, v in rep["results"].items()}
+        metrics.update({f"{name} vs lumina loop": f"{v:.2f}x" for name, v in rep["vs_lumina_loop"].items()})
+    emit("encode", bool(metrics), metrics, f"{a.images} images, 256 px crops, batch 16; goal >= 3x the Lumina loop")
+
+
 def table(path: str) -> str:
     """The one table of gpu_check.sh from its results file (missing sections are listed as not run)."""
     rows = {}
@@ -282,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 77
     Path(a.out).mkdir(parents=True, exist_ok=True)
     {"train": section_train, "nccl": section_nccl, "pretok": section_pretok, "pinned": section_pinned,
-     "resume": section_resume}[a.section](a)
+     "resume": section_resume, "generate": section_generate, "encode": section_encode}[a.section](a)
     return 0
 
 

@@ -11,18 +11,20 @@
 #           (images/s, share of image codes equal)
 #   pinned  the trainer's DataLoader with --pin_mem: batches pinned, copied asynchronously
 #   resume  bf16 training on CUDA stopped at step 2 and resumed: losses bitwise equal to an uninterrupted run
+#   generate  bench/bench_generate.py in bf16: image tokens/s, ours vs transformers generate vs a Lumina loop
+#   encode  bench/bench_pretokenize.py --device cuda: batched VQGAN encode vs the per-item Lumina loop
 #
-# Each check runs under its own time limit (TRAIN_S, NCCL_S, PRETOK_S, PINNED_S, RESUME_S seconds: 130, 60, 100,
-# 30, 90, 410 in all by default) and reports one line; a check that fails or runs out of time is listed as such, the others
-# still run. Exit code: 0 all ok, 1 a check failed, 2 bad arguments, 77 skipped (no CUDA GPU).
+# Each check runs under its own time limit (TRAIN_S, NCCL_S, PRETOK_S, PINNED_S, RESUME_S, GENERATE_S, ENCODE_S
+# seconds: 120, 50, 80, 30, 80, 50, 60, 470 in all by default) and reports one line; a check that fails or runs
+# out of time is listed as such, the others still run. Exit code: 0 all ok, 1 a check failed, 2 bad arguments, 77 skipped (no CUDA GPU).
 # The sections live in bench/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 OUT=""
-ONLY="train,nccl,pretok,pinned,resume"
+ONLY="train,nccl,pretok,pinned,resume,generate,encode"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -34,8 +36,9 @@ while [[ $# -gt 0 ]]; do
 done
 IFS=, read -r -a sections <<< "$ONLY"
 for s in "${sections[@]}"; do
-  case "$s" in train|nccl|pretok|pinned|resume) ;;
-    *) echo "gpu_check.sh: --only: unknown check '$s' (train, nccl, pretok, pinned, resume)" >&2; exit 2 ;;
+  case "$s" in train|nccl|pretok|pinned|resume|generate|encode) ;;
+    *) echo "gpu_check.sh: --only: unknown check '$s' (train, nccl, pretok, pinned, resume, generate, encode)" >&2
+       exit 2 ;;
   esac
 done
 
@@ -65,12 +68,14 @@ run_check() {  # name, time limit, command...
 
 for s in "${sections[@]}"; do
   case "$s" in
-    train)  run_check train "${TRAIN_S:-130}" "$PYTHON" bench/gpu_check.py train --out "$OUT" ;;
-    nccl)   run_check nccl "${NCCL_S:-60}" "$PYTHON" -m torch.distributed.run --nproc_per_node "$ngpu" \
+    train)  run_check train "${TRAIN_S:-120}" "$PYTHON" bench/gpu_check.py train --out "$OUT" ;;
+    nccl)   run_check nccl "${NCCL_S:-50}" "$PYTHON" -m torch.distributed.run --nproc_per_node "$ngpu" \
               --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" bench/gpu_check.py nccl --out "$OUT" ;;
-    pretok) run_check pretok "${PRETOK_S:-100}" "$PYTHON" bench/gpu_check.py pretok --out "$OUT" ;;
+    pretok) run_check pretok "${PRETOK_S:-80}" "$PYTHON" bench/gpu_check.py pretok --out "$OUT" ;;
     pinned) run_check pinned "${PINNED_S:-30}" "$PYTHON" bench/gpu_check.py pinned --out "$OUT" ;;
-    resume) run_check resume "${RESUME_S:-90}" "$PYTHON" bench/gpu_check.py resume --out "$OUT" ;;
+    resume) run_check resume "${RESUME_S:-80}" "$PYTHON" bench/gpu_check.py resume --out "$OUT" ;;
+    generate) run_check generate "${GENERATE_S:-50}" "$PYTHON" bench/gpu_check.py generate --out "$OUT" ;;
+    encode) run_check encode "${ENCODE_S:-60}" "$PYTHON" bench/gpu_check.py encode --out "$OUT" ;;
   esac
 done
 
