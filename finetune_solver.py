@@ -1,4 +1,4 @@
-"""Fine-tunes a Chameleon / Lumina-mGPT model on pre-tokenized data with torch FSDP (Lumina's flags).
+r"""Fine-tunes a Chameleon / Lumina-mGPT model on pre-tokenized data with torch FSDP (Lumina's flags).
 
     # one process on a CPU (tiny model; see exps/demo.sh for making one)
     python finetune_solver.py --init_from out/tiny_model --data_config out/data.yaml --output_dir out/run \
@@ -27,7 +27,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,8 @@ from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
 from model import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
-                                read_hf_weights, resolve_hf_dir, zero_image_head)
+                                only_model_keys, read_hf_weights, resolve_hf_dir, zero_image_head)
+from model.flags import dataclass_parser, flag
 from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
 from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, save_lumina
@@ -68,8 +69,7 @@ logger = logging.getLogger("finetune_solver")
 STARTING_POINTS = {"7B": "Alpha-VLLM/Chameleon_7B_mGPT", "34B": "Alpha-VLLM/Chameleon_34B_mGPT"}
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+_f = flag
 
 
 @dataclass
@@ -185,22 +185,8 @@ class TrainArgs:
     sample_max_new_tokens: int = _f(256, "new tokens per answer sample")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "list[str] | None": str}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainArgs):
-        md = f.metadata
-        if f.type == "bool":
-            neg = md["neg"]
-            p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default,
-                           help=f"{md['help']} (default: {'on' if f.default else 'off'})")
-            p.add_argument(neg, dest=f.name, action="store_false", help=f"turn {f'--{f.name}'} off")
-        else:
-            p.add_argument(f"--{f.name}", dest=f.name, type=_TYPES[f.type], default=f.default, nargs=md.get("nargs"),
-                           choices=md.get("choices"), help=f"{md['help']} (default: {f.default})")
-    return p
+    return dataclass_parser(TrainArgs, __doc__)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -346,15 +332,7 @@ def _load_initial_weights(lm: ChameleonLM, model_dir: str, rank: int) -> None:
     if rank == 0:
         try:
             full = hf_to_model_state(lm, read_hf_weights(Path(model_dir), lm.config))  # LoRA: wrapped names
-            want = set(lm.state_dict().keys())
-            missing = sorted(want - set(full))
-            if missing:
-                raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-            extra = sorted(set(full) - want)
-            if extra:
-                logger.warning("%s: ignoring %d weights the model does not have, e.g. %s", model_dir, len(extra),
-                               extra[:3])
-                full = {k: v for k, v in full.items() if k in want}
+            full = only_model_keys(full, set(lm.state_dict().keys()), model_dir)
         except (ModelLoadError, OSError) as e:
             full = TrainingStopped(str(e))
     _broadcast(full if isinstance(full, Exception) else None, rank)  # raises on every rank if rank 0 failed

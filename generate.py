@@ -1,4 +1,4 @@
-"""Generates images (classifier-free guidance) and text answers from a trained Chameleon / Lumina-mGPT model.
+r"""Generates images (classifier-free guidance) and text answers from a trained Chameleon / Lumina-mGPT model.
 
     # text-to-image: 4 samples per prompt at 512x512, Lumina's settings (cfg 4, image top-k 2000)
     python generate.py --model output/7B/epoch1/hf --tokenizer_dir ckpts/chameleon/tokenizer \
@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ import torch
 from data.prompts import ItemPromptBuilder, read_conversations, read_prompts_file
 from model.chameleon_lm import ModelLoadError
 from model.checkpointing import CheckpointError
+from model.flags import dataclass_parser, flag
 from model.generator import (DTYPES, T2I_TEMPLATE, DecodeSettings, GenerationInputError, Generator, load_lm,
                              read_model_config)
 from model.sampling import (CONTACT_SHEET, GENERATIONS, image_name, parse_resolution, write_contact_sheet,
@@ -46,8 +47,7 @@ from model.vqgan import BundleError
 logger = logging.getLogger("generate")
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+_f = flag
 
 
 @dataclass
@@ -93,23 +93,8 @@ class GenerateArgs:
     out: str | None = _f(None, "output directory (PNGs, generations.jsonl, contact_sheet.png); required")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(GenerateArgs):
-        md = f.metadata
-        if f.type == "bool":
-            p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default,
-                           help=f"{md['help']} (default: {'on' if f.default else 'off'})")
-            p.add_argument(md["neg"], dest=f.name, action="store_false", help=f"turn --{f.name} off")
-        elif md.get("action") == "append":
-            p.add_argument(f"--{f.name}", dest=f.name, action="append", default=None, help=md["help"])
-        else:
-            p.add_argument(f"--{f.name}", dest=f.name, type=_TYPES[f.type], default=f.default,
-                           choices=md.get("choices"), help=f"{md['help']} (default: {f.default})")
-    return p
+    return dataclass_parser(GenerateArgs, __doc__)
 
 
 def validate_args(a: GenerateArgs) -> list[str]:

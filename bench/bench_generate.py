@@ -1,4 +1,4 @@
-"""Image-token throughput of model/generator.py against the two ways Lumina-mGPT-style CFG decoding is run.
+r"""Image-token throughput of model/generator.py against the two ways Lumina-mGPT-style CFG decoding is run.
 
     python bench/bench_generate.py                                  # defaults below, ~3 minutes on 1 CPU core
     python bench/bench_generate.py --hidden 256 --layers 4 --heads 8 --resolution 256x256 --reps 3 \

@@ -410,6 +410,18 @@ def _read_tensors(hf_dir: Path, want) -> dict[str, torch.Tensor]:
     return out
 
 
+def only_model_keys(tensors: dict[str, torch.Tensor], want: set[str], where: str) -> dict[str, torch.Tensor]:
+    """``tensors`` restricted to the model's keys ``want``: ModelLoadError (naming ``where``) when some are
+    missing, a warning for those the model does not have."""
+    missing = sorted(want - set(tensors))
+    if missing:
+        raise ModelLoadError(f"{where}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    extra = sorted(set(tensors) - want)
+    if extra:
+        logger.warning("%s: ignoring %d weights the model does not have, e.g. %s", where, len(extra), extra[:3])
+    return {k: v for k, v in tensors.items() if k in want}
+
+
 def to_model_layout(tensors: dict[str, torch.Tensor], config: ChameleonConfig) -> dict[str, torch.Tensor]:
     """Converts (in place, and returns) stored tensors to the shapes of the model's parameters (the q/k norms
     regrouped exactly by ``fit_qk_norm``; every other tensor as is). ModelLoadError when that is not exact."""

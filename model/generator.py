@@ -67,7 +67,7 @@ import torch.distributed as dist
 from transformers import ChameleonConfig, DynamicCache
 
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
-                                read_hf_weights, resolve_hf_dir)
+                                only_model_keys, read_hf_weights, resolve_hf_dir)
 from model.tokenizer_bundle import PIXELS_PER_SIZE_UNIT, ChameleonTokenizer, size_token_name
 
 logger = logging.getLogger(__name__)
@@ -288,16 +288,8 @@ def load_lm(model: str | Path, device: str | torch.device = "cpu", dtype: torch.
         config = load_hf_config(d)
         lm = build_chameleon_lm(config, device="meta")
         lm.to_empty(device="cpu")
-        sd = read_hf_weights(d, config)
-        want = set(lm.state_dict())
-        missing = sorted(want - set(sd))
-        if missing:
-            raise ModelLoadError(f"--model {model}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-        extra = sorted(set(sd) - want)
-        if extra:
-            logger.warning("--model %s: ignoring %d weights the model does not have, e.g. %s", model, len(extra),
-                           extra[:3])
-        lm.load_state_dict({k: v for k, v in sd.items() if k in want}, strict=True)
+        sd = only_model_keys(read_hf_weights(d, config), set(lm.state_dict()), f"--model {model}")
+        lm.load_state_dict(sd, strict=True)
     lm.to(device=device, dtype=dtype)
     lm.reset_nonpersistent_buffers(device)  # rotary frequencies in fp32 whatever the weights' dtype
     return lm.eval()

@@ -1,4 +1,4 @@
-"""LoRA through the ``peft`` library: wrapping the model for training, its initial weights, and export.
+r"""LoRA through the ``peft`` library: wrapping the model for training, its initial weights, and export.
 
     python finetune_solver.py ... --lora_rank 16 --lora_alpha 32 --lora_dropout 0.05 \
         --lora_targets q_proj,k_proj,v_proj,o_proj [--trainable image_head] [--only_save_trainable]

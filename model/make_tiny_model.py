@@ -1,4 +1,4 @@
-"""Writes a tiny HF-format Chameleon checkpoint whose vocabulary fits a tokenizer bundle.
+r"""Writes a tiny HF-format Chameleon checkpoint whose vocabulary fits a tokenizer bundle.
 
     python model/make_tiny_model.py --tokenizer_dir /tmp/tiny_bundle --out /tmp/tiny_model
     python model/make_tiny_model.py --tokenizer_dir /tmp/tiny_bundle --out /tmp/tiny_model --hidden_size 128 \
