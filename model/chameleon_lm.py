@@ -422,17 +422,6 @@ def only_model_keys(tensors: dict[str, torch.Tensor], want: set[str], where: str
     return {k: v for k, v in tensors.items() if k in want}
 
 
-def to_model_layout(tensors: dict[str, torch.Tensor], config: ChameleonConfig) -> dict[str, torch.Tensor]:
-    """Converts (in place, and returns) stored tensors to the shapes of the model's parameters (the q/k norms
-    regrouped exactly by ``fit_qk_norm``; every other tensor as is). ModelLoadError when that is not exact."""
-    for k, v in list(tensors.items()):
-        try:
-            tensors[k] = fit_qk_norm(k, v, config)
-        except QKNormLayoutError as e:
-            raise ModelLoadError(str(e)) from e
-    return tensors
-
-
 def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors (CPU, stored dtype) by HF key. VQ-model keys are dropped unless ``with_vq``.
 

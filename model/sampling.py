@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from model.checkpointing import capture_rng, restore_rng
 from model.generator import DecodeSettings, Generation, Generator, GenerationInputError, Request
 from model.tokenizer_bundle import ChameleonTokenizer
 from model.vqgan import BundleError
@@ -138,17 +138,12 @@ def sample_flag_problems(a) -> list[str]:
 
 @contextlib.contextmanager
 def rng_preserved():
-    """Python, numpy, torch CPU and CUDA RNG states are restored on exit: training draws as if nothing ran."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """Python, numpy and torch (CPU, CUDA) RNG states are restored on exit: training draws as if nothing ran."""
+    state = capture_rng()  # the states a checkpoint keeps, so exactly what bitwise resume depends on
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])
+        restore_rng(state)
 
 
 class TrainingSamples:

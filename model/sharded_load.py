@@ -14,7 +14,7 @@ checkpoints are pickles that cannot be read by slices: they keep the rank-0 path
 see the weight files (a hub snapshot downloaded by rank 0 into a machine-local cache).
 
 Tensors whose stored shape differs from the parameter's (Lumina's [model_parallel_size, head_dim] q/k
-norms) are tiny: every rank reads them whole, converts them with ``chameleon_lm.to_model_layout`` (the
+norms) are tiny: every rank reads them whole, converts them with ``qk_norm.fit_qk_norm`` (the
 same conversion as the rank-0 path) and keeps its own shard (``distribute_tensor(src_data_rank=None)``:
 no communication).
 
@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.futures import Future
 
-from model.chameleon_lm import ChameleonLM, ModelLoadError, _weight_files, to_model_layout
-from model.qk_norm import NORM_KEY_RE
+from model.chameleon_lm import ChameleonLM, ModelLoadError, _weight_files
+from model.qk_norm import NORM_KEY_RE, fit_qk_norm
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def load_sharded_safetensors(lm: ChameleonLM, model_dir: str | Path) -> None:
     try:
         for k, f in plan["convert"].items():
             with safe_open(f, framework="pt") as sf:
-                full = to_model_layout({k: sf.get_tensor(k)}, lm.config)[k].to(sd[k].dtype)
+                full = fit_qk_norm(k, sf.get_tensor(k), lm.config).to(sd[k].dtype)
             if isinstance(sd[k], DTensor):
                 full = distribute_tensor(full.to(sd[k].device), sd[k].device_mesh, sd[k].placements,
                                          src_data_rank=None)
