@@ -11,8 +11,8 @@ r"""Fine-tunes a Chameleon / Lumina-mGPT model on pre-tokenized data with torch 
 
 One step = ``accum_iter`` micro-batches of ``batch_size`` items on each of the world's ranks; the global
 batch is batch_size * accum_iter * world_size items. The loss of a step is the mean over all labelled
-tokens of the global batch (see model/chameleon_lm.py for the loss, model/parallelize.py for FSDP,
-model/checkpointing.py for the checkpoint layout, model/metrics.py for metrics.jsonl). Reruns in the same
+tokens of the global batch (see model/chameleon_lm.py for the loss, model/training/parallelize.py for FSDP,
+model/training/checkpointing.py for the checkpoint layout, model/training/metrics.py for metrics.jsonl). Reruns in the same
 --output_dir resume from the newest complete checkpoint (--auto_resume), exactly where it stopped.
 """
 
@@ -41,27 +41,27 @@ from data.packing import block_causal_mask
 from data.data_config import DataConfigError
 from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
-from model import checkpointing as ckpt
+from model.training import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
                                 only_model_keys, read_hf_weights, resolve_hf_dir, zero_image_head)
-from model.flags import dataclass_parser, flag
-from model.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
+from model.training.flags import dataclass_parser, flag
+from model.training.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
 from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, save_lumina
-from model.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
-from model.dashboards import DashboardError, missing_packages, open_dashboards
-from model.evaluation import Evaluator
-from model.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
+from model.training.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
+from model.training.dashboards import DashboardError, missing_packages, open_dashboards
+from model.training.evaluation import Evaluator
+from model.training.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
                            reset_peak_memory, setup_logging, teardown_logging)
-from model.run_controls import SkipRanges, enable_determinism
-from model.optim import build_optimizer, lr_at, set_lr
-from model.parallelize import DTYPES, parallelize, set_gradient_sync
-from model.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
+from model.training.run_controls import SkipRanges, enable_determinism
+from model.training.optim import build_optimizer, lr_at, set_lr
+from model.training.parallelize import DTYPES, parallelize, set_gradient_sync
+from model.training.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
                              check_base_model, mask_frozen_rows, saved_model_keys, shard_row_masks)
 from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
-from model.planner import run_plan
-from model.generator import GenerationInputError
-from model.sampling import TrainingSamples, sample_flag_problems
+from model.training.planner import run_plan
+from model.generation.generator import GenerationInputError
+from model.generation.samples import TrainingSamples, sample_flag_problems
 
 logger = logging.getLogger("finetune_solver")
 
@@ -133,14 +133,14 @@ class TrainArgs:
     export_layout: str = _f("hf", "layouts of the epoch exports: hf (epoch{E}/hf/, transformers), lumina "
                                   "(epoch{E}/lumina/, Lumina-mGPT's own tools), or both", choices=["hf", "lumina", "both"])
     log_every: int = _f(10, "console line and metrics.jsonl row every this many steps")
-    # trainable subsets and LoRA (model/trainable.py, model/lora.py)
+    # trainable subsets and LoRA (model/training/trainable.py, model/training/lora.py)
     trainable: str | None = _f(None, TRAINABLE_HELP)
     lora_rank: int = _f(0, "LoRA rank through peft (0: no LoRA; needs pip install -e .[lora]); the base weights freeze")
     lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated linear layers of each decoder layer that "
                                                            "get LoRA: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    # skipped steps and determinism (model/run_controls.py)
+    # skipped steps and determinism (model/training/run_controls.py)
     skip_iterations: list[str] | None = _f(None, "optimizer steps whose global batches are consumed from the sampler "
                                                  "but not trained on (no forward, backward or update; Megatron's "
                                                  "--skip-train-iteration-range): 1-based inclusive START-END ranges "
@@ -148,7 +148,7 @@ class TrainArgs:
     deterministic: bool = _f(False, "deterministic algorithms only: torch.use_deterministic_algorithms, "
                                     "CUBLAS_WORKSPACE_CONFIG, no TF32, deterministic cuDNN, math attention "
                                     "(slower; see README)", neg="--no_deterministic")
-    # dashboards and per-type curves (model/dashboards.py, model/metrics.py)
+    # dashboards and per-type curves (model/training/dashboards.py, model/training/metrics.py)
     tensorboard: bool = _f(False, "write every metrics.jsonl scalar to TensorBoard event files in "
                                   "OUTPUT_DIR/tensorboard/ (pip install -e .[dashboards])", neg="--no_tensorboard")
     wandb: bool = _f(False, "log every metrics.jsonl scalar to Weights & Biases; a resumed run continues the "
@@ -159,12 +159,12 @@ class TrainArgs:
                                       "`wandb sync`); default: WANDB_MODE, else online", choices=["online", "offline"])
     type_loss_window: int = _f(10, "metrics.jsonl loss/{type}: mean loss of the last this many trained steps of "
                                    "that data-config type")
-    # validation loss (model/evaluation.py, data/eval_data.py)
+    # validation loss (model/training/evaluation.py, data/eval_data.py)
     val_data_config: str | None = _f(None, "data config YAML of held-out records (training format; ratio ignored): "
                                            "val_loss, val_loss/{type} at each epoch end and every --eval_every steps")
     eval_every: int = _f(0, "evaluate on --val_data_config every this many optimizer steps (0: at epoch ends only)")
     eval_items: int | None = _f(None, "evaluate on this many held-out records (the same ones every time; default: all)")
-    # memory and compute plan (model/planner.py): --plan prints it for these flags and exits, no GPU needed
+    # memory and compute plan (model/training/planner.py): --plan prints it for these flags and exits, no GPU needed
     plan: bool = _f(False, "print the per-rank memory and compute plan of these flags and exit (no data, weights, "
                            "GPU or process group needed; --data_config not required)", neg="--no_plan")
     json: bool = _f(False, "with --plan: print the plan as one JSON object (keys in the README)", neg="--no_json")
@@ -173,7 +173,7 @@ class TrainArgs:
     gpu: str = _f("H100", "with --plan: GPU whose peak FLOP/s sets step time and tokens/s",
                   choices=["H100", "H200", "A100"])
     mfu: float = _f(0.4, "with --plan: model FLOPs utilisation assumed for step time and tokens/s")
-    # samples during training (model/sampling.py)
+    # samples during training (model/generation/samples.py)
     sample_prompts: str | None = _f(None, "generate from the current weights into OUTPUT_DIR/samples/step{N}/: "
                                           "text-to-image prompts (.txt, one per line) or Lumina conversations "
                                           "ending with the human turn (.json/.jsonl); off if unset")
@@ -458,7 +458,7 @@ def _next_global_batch(batches, accum_iter: int, where: str) -> list[dict]:
 
 def _step_row(m: dict, *, step: int, epoch: int, it: int, lr: float, dt: float, t_data: float, world: int,
               device: torch.device, batch_type: str) -> dict:
-    """The metrics.jsonl row of a trained step (model/metrics.py lists the keys)."""
+    """The metrics.jsonl row of a trained step (model/training/metrics.py lists the keys)."""
     return {"step": step, "epoch": epoch, "iter": it, "lr": lr, "loss": m["loss"], "closs": m["closs"],
             "z_loss": m["z_loss"], "grad_norm": m["grad_norm"], "time": dt, "data_time": t_data,
             "tokens_per_sec": m["real_tokens"] / dt / world, "tflops": m["flops"] / dt / world / 1e12,

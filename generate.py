@@ -13,7 +13,7 @@ r"""Generates images (classifier-free guidance) and text answers from a trained 
 
 --model: an HF-format directory (ours, Lumina-mGPT's, Meta's converted: whatever --init_from loads) or one of
 our training checkpoints epoch{E}[-iter{I}]/ (read with the safe loader resume uses). Decoding follows
-Lumina-mGPT's rules (model/generator.py); outputs (model/sampling.py): {out}/{i:05d}_{k}.png for prompt i,
+Lumina-mGPT's rules (model/generation/generator.py); outputs (model/generation/samples.py): {out}/{i:05d}_{k}.png for prompt i,
 sample k, {out}/generations.jsonl (prompt, text with <|image|> where an image stands, image files, token ids,
 seed, all settings), {out}/contact_sheet.png. Bad input (a resolution off the 32-px grid or too large for
 the context, a prompt too long, a bundle without its VQGAN, a conversation that already ends with an answer)
@@ -33,16 +33,16 @@ from pathlib import Path
 
 import torch
 
-from data.prompts import ItemPromptBuilder, read_conversations, read_prompts_file
+from model.generation.prompts import ItemPromptBuilder, read_conversations, read_prompts_file
 from model.chameleon_lm import ModelLoadError
-from model.checkpointing import CheckpointError
-from model.flags import dataclass_parser, flag
-from model.generator import (DTYPES, T2I_TEMPLATE, DecodeSettings, GenerationInputError, Generator, load_lm,
+from model.training.checkpointing import CheckpointError
+from model.training.flags import dataclass_parser, flag
+from model.generation.generator import (DTYPES, T2I_TEMPLATE, DecodeSettings, GenerationInputError, Generator, load_lm,
                              read_model_config)
-from model.sampling import (CONTACT_SHEET, GENERATIONS, image_name, parse_resolution, write_contact_sheet,
+from model.generation.samples import (CONTACT_SHEET, GENERATIONS, image_name, parse_resolution, write_contact_sheet,
                             write_generations)
-from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan import BundleError
+from model.tokenizer.bundle import ChameleonTokenizer
+from model.tokenizer.vqgan import BundleError
 
 logger = logging.getLogger("generate")
 

@@ -1,4 +1,4 @@
-"""Benchmark: what --deterministic costs per training step on a CPU (model/run_controls.py).
+"""Benchmark: what --deterministic costs per training step on a CPU (model/training/run_controls.py).
 
     python bench/bench_deterministic.py --threads 1 --rounds 11
     python bench/bench_deterministic.py --threads 1 --rounds 11 --lumina_loss
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
 
     fs = load_solver()
     from model.chameleon_lm import build_chameleon_lm
-    from model.optim import build_optimizer
-    from model.parallelize import parallelize
-    from model.run_controls import enable_determinism
+    from model.training.optim import build_optimizer
+    from model.training.parallelize import parallelize
+    from model.training.run_controls import enable_determinism
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256, help="hidden size")

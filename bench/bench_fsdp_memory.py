@@ -4,7 +4,7 @@
     python bench/bench_fsdp_memory.py --hidden 512 --layers 6 --data_parallel sdp
 
 Each world size runs as real processes (gloo, one process per rank, this script in --worker mode): the
-model is built on the meta device, wrapped by model.parallelize.parallelize exactly as the trainer does,
+model is built on the meta device, wrapped by model.training.parallelize.parallelize exactly as the trainer does,
 materialised, loaded from rank 0, and trained one step with finetune_solver.train_step so AdamW has its
 state. Then every rank counts the bytes of what it holds: its parameter shards (DTensor local tensors)
 and its optimizer state tensors (exp_avg, exp_avg_sq, step). That is the memory FSDP is meant to divide;
@@ -49,8 +49,8 @@ def worker(a) -> None:
 
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
-    from model.optim import build_optimizer
-    from model.parallelize import parallelize
+    from model.training.optim import build_optimizer
+    from model.training.parallelize import parallelize
 
     torch.set_num_threads(1)
     fs = load_solver()

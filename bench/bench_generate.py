@@ -1,4 +1,4 @@
-r"""Image-token throughput of model/generator.py against the two ways Lumina-mGPT-style CFG decoding is run.
+r"""Image-token throughput of model/generation/generator.py against the two ways Lumina-mGPT-style CFG decoding is run.
 
     python bench/bench_generate.py                                  # defaults below, ~3 minutes on 1 CPU core
     python bench/bench_generate.py --hidden 256 --layers 4 --heads 8 --resolution 256x256 --reps 3 \
@@ -36,8 +36,8 @@ import torch
 from transformers import ChameleonForConditionalGeneration, DynamicCache, GenerationConfig
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
-from model.generator import DecodeSettings, Generator, Request, block_len
-from model.make_tiny_bundle import make_tiny_bundle
+from model.generation.generator import DecodeSettings, Generator, Request, block_len
+from model.tokenizer.tiny_bundle import make_tiny_bundle
 from model.make_tiny_model import make_tiny_model
 
 

@@ -5,8 +5,8 @@
     python bench/bench_planner.py --configs small --worlds 2 --checkpointing 1
 
 Each case runs as real processes (one per rank, this script in --worker mode), built the trainer's way:
-the model on the meta device, ``model.parallelize.parallelize`` (FSDP2 units, checkpointing wrapper),
-``to_empty``, AdamW from ``model.optim``, then ``finetune_solver.train_step`` on random token batches in
+the model on the meta device, ``model.training.parallelize.parallelize`` (FSDP2 units, checkpointing wrapper),
+``to_empty``, AdamW from ``model.training.optim``, then ``finetune_solver.train_step`` on random token batches in
 which every position is labelled (the planner's worst case) with ``--accum_iter`` micro-batches per step.
 
 What is measured: the peak of the bytes held by torch tensors during the second optimizer step (the
@@ -40,7 +40,7 @@ CONFIGS = {  # name: (vocab, hidden, layers, heads)
 
 
 def _settings(a, world: int):
-    from model.planner import Settings
+    from model.training.planner import Settings
 
     return Settings(batch_size=a.batch_size, accum_iter=a.accum_iter, max_seq_len=a.seq_len, precision="fp32",
                     checkpointing=bool(a.checkpointing), loss_chunk_size=a.loss_chunk_size, world_size=world,
@@ -63,8 +63,8 @@ def worker(a) -> None:
 
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
-    from model.optim import build_optimizer
-    from model.parallelize import parallelize
+    from model.training.optim import build_optimizer
+    from model.training.parallelize import parallelize
 
     torch.set_num_threads(1)
     fs = load_solver()
@@ -126,7 +126,7 @@ def run_case(a, config: str, world: int, ckpt: int) -> list[dict]:
 
 def predict(a, config: str, world: int, ckpt: int) -> dict:
     from bench_train_step import tiny_config
-    from model.planner import Model, plan_memory
+    from model.training.planner import Model, plan_memory
 
     vocab, hidden, layers, heads = CONFIGS[config]
     cfg = tiny_config(vocab, hidden, layers, heads)

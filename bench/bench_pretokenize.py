@@ -12,7 +12,7 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
   bare batched     the preprocessed tensors, ``--batch_size`` per ``VQGAN.encode`` call (as loaded:
                    channels_last with the fast path on CPU);
   bare per-image   the same tensors one image per call (what pre_tokenize does on CPU: batch-invariant);
-  bare per-image, modules (before)   the same through the taming modules, as before model/vqgan_fast.py;
+  bare per-image, modules (before)   the same through the taming modules, as before model/tokenizer/vqgan_fast.py;
   lumina loop      ``LuminaLoop`` below: Lumina-mGPT's pre_tokenize loop rewritten here faithfully (its
                    preprocessing, its NCHW model and VQGAN call order, a .pkl per item);
   pre_tokenize     the real script in a subprocess (``--num_workers``, ``--batch_size``), rate read off
@@ -56,10 +56,10 @@ from PIL import Image
 
 from data.image_preprocess import crop_sizes
 from data.item_processor import ItemProcessor
-from model.make_tiny_bundle import make_tiny_bundle
-from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan import VQGAN, VQGANConfig, load_vqgan
-from model.vqgan_fast import reuse_freed_memory
+from model.tokenizer.tiny_bundle import make_tiny_bundle
+from model.tokenizer.bundle import ChameleonTokenizer
+from model.tokenizer.vqgan import VQGAN, VQGANConfig, load_vqgan
+from model.tokenizer.vqgan_fast import reuse_freed_memory
 
 logger = logging.getLogger("bench_pretokenize")
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@
 Writes (once per shape, reused; deleted at the end unless --keep) a random-weights Chameleon checkpoint as
 Lumina releases it: bf16, safetensors in --files shards listed by model.safetensors.index.json. Then, in
 interleaved rounds, ``torchrun --nproc_per_node --ranks`` runs one load per fresh process group, as the
-trainer does it: build on the meta device, FSDP2-shard (model/parallelize.py, fp32 parameters), ``to_empty``,
+trainer does it: build on the meta device, FSDP2-shard (model/training/parallelize.py, fp32 parameters), ``to_empty``,
 then either ``model.sharded_load.load_sharded_safetensors`` ("sharded") or
 ``finetune_solver._load_initial_weights`` ("rank0": rank 0 reads everything, set_model_state_dict
 broadcasts).
@@ -128,8 +128,8 @@ def child(mode: str, model_dir: Path, result_dir: Path) -> None:
 
     import finetune_solver
     from model.chameleon_lm import build_chameleon_lm, load_hf_config
-    from model.distributed import detect_launch_env, init_distributed
-    from model.parallelize import parallelize
+    from model.training.distributed import detect_launch_env, init_distributed
+    from model.training.parallelize import parallelize
     from model.sharded_load import load_sharded_safetensors
 
     torch.set_num_threads(1)

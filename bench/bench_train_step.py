@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fs = load_solver()
     from model.chameleon_lm import build_chameleon_lm
-    from model.optim import BETAS, build_optimizer
-    from model.parallelize import parallelize
+    from model.training.optim import BETAS, build_optimizer
+    from model.training.parallelize import parallelize
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=10760, help="vocabulary size (the tiny bundle's)")

@@ -5,9 +5,9 @@ LoRA against full fine-tuning, with FSDP2 on real gloo ranks (CPU).
     python bench/bench_trainable.py --world 1 --rounds 5 --hidden 512 --layers 4
 
 Each rank builds one model per setting (all, no_embed, norms, image_head, LoRA r=8 on q,k,v,o, LoRA r=8 on
-q,k,v,o + image_head) exactly as the trainer does: meta device, model.lora.apply_lora, model.trainable's
-apply_trainable, model.parallelize.parallelize, the same initial weights from rank 0, the optimizer of
-model.optim + trainable.attach_to_optimizer. Then rounds of one finetune_solver.train_step per setting,
+q,k,v,o + image_head) exactly as the trainer does: meta device, model.training.lora.apply_lora, model.training.trainable's
+apply_trainable, model.training.parallelize.parallelize, the same initial weights from rank 0, the optimizer of
+model.training.optim + trainable.attach_to_optimizer. Then rounds of one finetune_solver.train_step per setting,
 interleaved (so the machine's load hits every setting alike). Bytes counted on each rank after a step,
 before the gradients are freed: its parameter shards, its gradient shards, its optimizer state (exp_avg,
 exp_avg_sq, step) - what FSDP divides and freezing removes. Activations are not counted (the same
@@ -49,10 +49,10 @@ def worker(a) -> None:
     from bench_fsdp_memory import initial_weights
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
-    from model.lora import apply_lora, hf_to_model_state
-    from model.optim import build_optimizer
-    from model.parallelize import parallelize
-    from model.trainable import apply_trainable, attach_to_optimizer, shard_row_masks
+    from model.training.lora import apply_lora, hf_to_model_state
+    from model.training.optim import build_optimizer
+    from model.training.parallelize import parallelize
+    from model.training.trainable import apply_trainable, attach_to_optimizer, shard_row_masks
 
     torch.set_num_threads(1)
     fs = load_solver()

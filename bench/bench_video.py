@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 
 from bench_pretokenize import bench_script, make_bundle, rate  # this script's directory is on sys.path
-from data import video as video_module
+from data.inputs import video as video_module
 from data.item_processor import ItemProcessor
-from data.video import VideoSampling, load_video_frames
-from model.make_tiny_bundle import make_tiny_bundle
-from model.tokenizer_bundle import ChameleonTokenizer
+from data.inputs.video import VideoSampling, load_video_frames
+from model.tokenizer.tiny_bundle import make_tiny_bundle
+from model.tokenizer.bundle import ChameleonTokenizer
 
 logger = logging.getLogger("bench_video")
 REPO = Path(__file__).resolve().parents[1]

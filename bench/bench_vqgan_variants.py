@@ -1,9 +1,9 @@
-"""How many codes change if the encoder's arithmetic is changed (the fusions model/vqgan_fast.py does NOT do).
+"""How many codes change if the encoder's arithmetic is changed (the fusions model/tokenizer/vqgan_fast.py does NOT do).
 
     python bench/bench_vqgan_variants.py --images 64 --threads 1
 
 On the bench_pretokenize images and real-width VQGAN (seeded random weights), encodes every image with
-the default path (model/vqgan_fast.py, bitwise the taming modules) and with each variant, and counts the
+the default path (model/tokenizer/vqgan_fast.py, bitwise the taming modules) and with each variant, and counts the
 codes that differ, with the time of each:
 
   silu            ``F.silu`` (x / (1 + exp(-x))) instead of taming's ``x * sigmoid(x)``: what a fused
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from bench.bench_pretokenize import REPO, make_bundle, make_images
 from data.item_processor import ItemProcessor
-from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan_fast import FastEncoder
+from model.tokenizer.bundle import ChameleonTokenizer
+from model.tokenizer.vqgan_fast import FastEncoder
 
 logger = logging.getLogger("bench_vqgan_variants")
 

@@ -44,7 +44,7 @@ def emit(section: str, ok: bool, metrics: dict, note: str = "") -> None:
 def train_config():
     from transformers import ChameleonConfig
 
-    from model.planner import chameleon_vocabulary_map
+    from model.training.planner import chameleon_vocabulary_map
 
     cfg = ChameleonConfig(**TRAIN_CONFIG, vocabulary_map=chameleon_vocabulary_map(TRAIN_CONFIG["vocab_size"]))
     cfg._attn_implementation = "sdpa"
@@ -65,10 +65,10 @@ def section_train(a) -> None:
     from bench_planner import materialize_random
     from bench_train_step import load_solver
     from model.chameleon_lm import build_chameleon_lm
-    from model.metrics import flops_per_token
-    from model.optim import build_optimizer
-    from model.parallelize import parallelize
-    from model.planner import GPUS, Model, Settings, plan_memory
+    from model.training.metrics import flops_per_token
+    from model.training.optim import build_optimizer
+    from model.training.parallelize import parallelize
+    from model.training.planner import GPUS, Model, Settings, plan_memory
 
     fs = load_solver()
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
@@ -217,7 +217,7 @@ def section_pinned(a) -> None:
 
 def section_resume(a) -> None:
     """bf16 training on CUDA, stopped at step 2 and resumed, against an uninterrupted run: bitwise losses."""
-    from model.make_tiny_bundle import make_tiny_bundle
+    from model.tokenizer.tiny_bundle import make_tiny_bundle
     from model.make_tiny_model import make_tiny_model
 
     root = Path(a.out) / "resume"

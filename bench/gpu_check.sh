@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh --out gpu_check_out --only train,pretok
 #
 #   train   bf16 FSDP training of a ~1B-parameter config at vocabulary 65536 (1 rank, nccl): tokens/s, MFU,
-#           peak memory against the planner's prediction (model/planner.py; goal: within 15%)
+#           peak memory against the planner's prediction (model/training/planner.py; goal: within 15%)
 #   nccl    nccl initialisation and the collectives FSDP uses, on every visible GPU (torchrun)
 #   pretok  pre_tokenize.py on CUDA with the real-width VQGAN: whole batches vs --batch_invariant
 #           (images/s, share of image codes equal)

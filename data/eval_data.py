@@ -2,7 +2,7 @@
 
     val = EvalData.build("val.yaml", max_seq_len=4096, batch_size=4, eval_items=None, seed=0, pad_id=1,
                          world_size=world, rank=rank)
-    evaluator = Evaluator(val, val.type_names, ...)   # model/evaluation.py iterates it at each evaluation
+    evaluator = Evaluator(val, val.type_names, ...)   # model/training/evaluation.py iterates it at each evaluation
 
 ``--val_data_config`` is a data config YAML in the training format (data/data_config.py); every record of
 it is held out once (``ratio`` is ignored: validation does not sample). ``--eval_items K`` takes K of them

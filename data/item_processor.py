@@ -14,7 +14,7 @@ the trailing ``<reserved08706>``). Each ``<|image|>`` in a message is replaced b
 encoded as written. With images but no marker, ``"<|image|> "`` per image goes in front of the first turn.
 
 Videos (``"video": path | [paths]``, markers ``<|video|>`` or LLaVA's ``<video>``, mixed freely with images):
-each video's frames are chosen and decoded as :mod:`data.video` says and preprocessed like images at
+each video's frames are chosen and decoded as :mod:`data.inputs.video` says and preprocessed like images at
 ``video.target_size``; its marker is replaced by the frames' image blocks back to back, in time order, with
 nothing between them (so a video of K frames tokenizes exactly like K adjacent ``<|image|>`` markers with
 those frames as images). With videos but no video marker, ``"<|video|> "`` per video goes in front of the
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from data.image_preprocess import FITS, ImageLoadError, crop_sizes, load_image, preprocess_image
-from data.video import VideoLoadError, VideoSampling, load_video_frames
+from data.inputs.video import VideoLoadError, VideoSampling, load_video_frames
 from data.records import IGNORE_INDEX
-from model.tokenizer_bundle import EOT, ChameleonTokenizer
+from model.tokenizer.bundle import EOT, ChameleonTokenizer
 
 logger = logging.getLogger(__name__)
 

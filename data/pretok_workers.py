@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from data.image_preprocess import ImageLoadError
-from data.input_formats import InputItem
+from data.inputs.item import InputItem
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Prepared:
 def classify(exc: BaseException) -> str:
     """Short reason for the summary: video, image, conversation (roles, markers, shape), unexpected."""
     from data.item_processor import ItemError
-    from data.video import VideoLoadError
+    from data.inputs.video import VideoLoadError
 
     chain, e = [], exc
     while e is not None and len(chain) < 8:

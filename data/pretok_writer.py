@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.records import (Record, RecordFormatError, ShardWriter, fsync_dir, errors_name, record_name,
-                          shard_end_bytes, shard_name)
+from data.files import write_json_atomic
+from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name, shard_end_bytes,
+                          shard_name)
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +87,6 @@ def bundle_fingerprint(bundle_dir: str | os.PathLike) -> str:
                 while chunk := f.read(1 << 22):
                     h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """temp file + fsync + rename + directory fsync: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------- resume

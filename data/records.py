@@ -103,15 +103,6 @@ def errors_name(rank: int, splits: int) -> str:
     return f"{rank}-of-{splits}-errors.jsonl"
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Makes a rename or a new file in ``path`` durable (the directory entry, not only the data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------------------- shards
 
 

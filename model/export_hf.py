@@ -13,8 +13,8 @@ Epoch checkpoints already hold this export in ``epoch{E}/hf/`` unless the run ha
 opens it; q/k norms [model_parallel_size, head_dim], sharded safetensors with an index, no VQ model):
 see model/lumina_layout.py.
 A LoRA run exports the merged model into ``--out`` and the peft adapter into ``--out/adapter/`` (see
-model/lora.py); a ``--only_save_trainable`` checkpoint is combined with its base (``--base``, default the
-run's --init_from; refused if it is another model, see model/trainable.py).
+model/training/lora.py); a ``--only_save_trainable`` checkpoint is combined with its base (``--base``, default the
+run's --init_from; refused if it is another model, see model/training/trainable.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_hf_weights
-from model.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
+from model.training.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
 from model.lumina_layout import LuminaLayoutError, save_lumina
-from model.lora import LoraError, apply_lora, merged_hf_state
-from model.trainable import apply_trainable, check_base_model, load_base_weights, saved_model_keys
+from model.training.lora import LoraError, apply_lora, merged_hf_state
+from model.training.trainable import apply_trainable, check_base_model, load_base_weights, saved_model_keys
 
 logger = logging.getLogger(__name__)
 

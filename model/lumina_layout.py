@@ -5,7 +5,7 @@
 
 Two layouts of the same model (DESIGN.md, "Model weight layouts"):
 
-- transformers' (``save_hf`` in model/checkpointing.py): q/k norms ``[heads, head_dim]``, one affine per
+- transformers' (``save_hf`` in model/training/checkpointing.py): q/k norms ``[heads, head_dim]``, one affine per
   head (a grouped run's rows repeated over the heads of each group), VQ model included; loads with
   ``ChameleonForConditionalGeneration.from_pretrained``.
 - Lumina-mGPT's (``save_lumina`` here), what its ``ChameleonXLLMXForConditionalGeneration.save_pretrained``

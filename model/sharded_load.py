@@ -1,6 +1,6 @@
 """Sharded loading of the starting weights from safetensors: each rank reads only the slices it owns.
 
-The trainer builds the model on the meta device, shards it with FSDP2 (model/parallelize.py) and
+The trainer builds the model on the meta device, shards it with FSDP2 (model/training/parallelize.py) and
 allocates each rank's shards (``to_empty``). For a safetensors checkpoint (``model.safetensors``, or the
 shards a ``model.safetensors.index.json`` lists), ``load_sharded_safetensors`` then fills those shards
 straight from the files with torch distributed checkpoint: ``HuggingFaceStorageReader`` describes the

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tok = None
         if not args.json or args.render is not None:
-            from model.tokenizer_bundle import ChameleonTokenizer
+            from model.tokenizer.bundle import ChameleonTokenizer
 
             tok = ChameleonTokenizer.from_bundle(find_tokenizer_dir(args), device=args.device,
                                                  load_vqgan=args.render is not None)

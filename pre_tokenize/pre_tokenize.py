@@ -20,7 +20,7 @@ r"""Pre-tokenizes conversations with images into token shards: one rank of S, ex
 
 Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
 streamed, LLaVA JSON, a directory of webdataset tars, or an energon-prepared dataset; see
-data/input_formats.py and data/energon_input.py; videos: data/video.py) and writes, in
+data/inputs/dispatch.py; videos: data/inputs/video.py) and writes, in
 ``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
 item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
 ``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
@@ -50,7 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data.image_preprocess import FITS
-from data.input_formats import FORMATS, InputFileError, open_input, rank_range
+from data.inputs.dispatch import FORMATS, open_input
+from data.inputs.item import InputFileError, rank_range
 from data.pretok_workers import Prepared, classify, prepare_stream
 from data.pretok_writer import (RUN_OPTIONAL_KEYS, OutputConflictError, OutputWriteError, RankWriter,
                                 bundle_fingerprint)
@@ -185,7 +186,7 @@ class PretokArgs:
 
 
 def video_sampling(args: PretokArgs):
-    from data.video import VideoSampling
+    from data.inputs.video import VideoSampling
 
     return VideoSampling(frames=args.video_frames, fps=args.video_fps, max_frames=args.video_max_frames,
                          target_size=args.video_target_size)
@@ -307,8 +308,8 @@ def run(args: PretokArgs) -> dict:
     t_start = time.perf_counter()
     tag = f"rank {args.rank} of {args.splits}"
     from data.item_processor import ItemProcessor
-    from model.tokenizer_bundle import ChameleonTokenizer
-    from model.vqgan_fast import reuse_freed_memory
+    from model.tokenizer.bundle import ChameleonTokenizer
+    from model.tokenizer.vqgan_fast import reuse_freed_memory
 
     source = open_input(args.in_filename, args.in_format, args.energon_split)
     if args.image_root is not None and not args.image_root.is_dir():
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = PretokArgs.parse(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [{args.rank}/{args.splits}] %(levelname)s %(message)s")
-    from model.vqgan import BundleError
+    from model.tokenizer.vqgan import BundleError
 
     try:
         run(args)

@@ -7,8 +7,8 @@ import pytest
 
 import torch
 
-from model.make_tiny_bundle import make_tiny_bundle
-from model.tokenizer_bundle import ChameleonTokenizer
+from model.tokenizer.tiny_bundle import make_tiny_bundle
+from model.tokenizer.bundle import ChameleonTokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Checkpoint bookkeeping (model/checkpointing.py), the tiny model maker and Lumina's starting point."""
+"""Checkpoint bookkeeping (model/training/checkpointing.py), the tiny model maker and Lumina's starting point."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.chameleon_lm import image_token_ids, load_hf_config, zero_image_head
 from model.make_tiny_model import make_tiny_model
 

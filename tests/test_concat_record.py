@@ -22,7 +22,7 @@ def tokens_of(i: int) -> list[int]:
 
 
 def make_rank(out: Path, r: int, s: int = S, n: int = N, finish: bool = True, stop_after: int | None = None) -> None:
-    from data.input_formats import rank_range
+    from data.inputs.item import rank_range
 
     ids = rank_range(n, r, s)
     w = RankWriter.open(out, r, s, ids, {"num_items": n, "in_format": "json", "target_size": 256,

@@ -1,4 +1,4 @@
-"""--tensorboard and --wandb for real (model/dashboards.py): the scalars of metrics.jsonl come back from the
+"""--tensorboard and --wandb for real (model/training/dashboards.py): the scalars of metrics.jsonl come back from the
 TensorBoard event files and from W&B's offline run files, across a resume; a missing package is a clear error.
 W&B never touches the network here: offline mode, silent, every W&B folder in the test's temp dir."""
 

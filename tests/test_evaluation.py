@@ -1,4 +1,4 @@
-"""Validation loss (--val_data_config, model/evaluation.py) and the per-type curves of metrics.jsonl (type,
+"""Validation loss (--val_data_config, model/training/evaluation.py) and the per-type curves of metrics.jsonl (type,
 loss/{type}), on the tiny model: one rank, two ranks, and across a resume."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Generation (model/generator.py, generate.py, model/sampling.py): Lumina-mGPT's decoding rules, batched CFG,
+"""Generation (model/generation/generator.py, generate.py, model/generation/samples.py): Lumina-mGPT's decoding rules, batched CFG,
 per-sample determinism, bad input, the CLI, and samples during training that leave the losses unchanged."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 import generate
 from dist_helper import REPO, make_learnable_data, run, torchrun
-from model.generator import DecodeSettings, GenerationInputError, Generator, block_len
+from model.generation.generator import DecodeSettings, GenerationInputError, Generator, block_len
 from model.make_tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -331,7 +331,7 @@ def test_model_code_does_not_import_the_training_data_path():
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         return {m for m in names if (REPO / (m.replace(".", "/") + ".py")).is_file()}
 
-    seen, todo = set(), ["model.generator", "model.sampling", "data.prompts"]
+    seen, todo = set(), ["model.generation.generator", "model.generation.samples", "model.generation.prompts"]
     while todo:  # every repository module they reach, lazily imported ones included
         m = todo.pop()
         if m not in seen:

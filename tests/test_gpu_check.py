@@ -64,7 +64,7 @@ def test_table_reports_each_check_and_the_missing_ones(tmp_path):
 
 
 def test_training_check_config_has_about_a_billion_parameters_and_fits_an_80GB_gpu():
-    from model.planner import Model, Settings, plan_memory
+    from model.training.planner import Model, Settings, plan_memory
 
     m = Model.from_config(gpu_check.train_config())
     assert 0.9e9 < m.n_params < 1.2e9 and m.config.vocab_size == 65536

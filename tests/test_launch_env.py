@@ -1,11 +1,11 @@
-"""Launch environments (model/distributed.py): torchrun, SLURM, single process; failures instead of hangs."""
+"""Launch environments (model/training/distributed.py): torchrun, SLURM, single process; failures instead of hangs."""
 
 from __future__ import annotations
 
 import pytest
 
 from dist_helper import free_port, spawn
-from model.distributed import LaunchError, detect_launch_env, first_host
+from model.training.distributed import LaunchError, detect_launch_env, first_host
 
 
 @pytest.mark.parametrize("nodelist, host", [
@@ -46,7 +46,7 @@ def _slurm_worker(rank: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from model.distributed import cleanup_distributed, detect_launch_env, init_distributed, init_model_parallel
+    from model.training.distributed import cleanup_distributed, detect_launch_env, init_distributed, init_model_parallel
 
     le = detect_launch_env()
     assert (le.rank, le.world_size, le.launcher) == (rank, 2, "slurm")
@@ -72,7 +72,7 @@ def _dying_worker(rank: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from model.distributed import detect_launch_env, init_distributed
+    from model.training.distributed import detect_launch_env, init_distributed
 
     init_distributed(detect_launch_env(), timeout_s=5)
     if rank == 1:

@@ -1,4 +1,4 @@
-"""LoRA through peft (model/lora.py): flags, wrapping, training with FSDP2 on 1 and 2 ranks, bitwise resume,
+"""LoRA through peft (model/training/lora.py): flags, wrapping, training with FSDP2 on 1 and 2 ranks, bitwise resume,
 --only_save_trainable, and the exports (merged HF model and peft adapter) giving the LoRA model's logits."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import finetune_solver
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.chameleon_lm import build_chameleon_lm, load_hf_config, read_hf_weights
 from model.export_hf import load_lm_from_checkpoint, main as export_main
-from model.lora import LoraError, apply_lora
-from model.trainable import EMBED, HEAD, TrainableError, apply_trainable
+from model.training.lora import LoraError, apply_lora
+from model.training.trainable import EMBED, HEAD, TrainableError, apply_trainable
 from test_trainer import assets, metrics, solve  # noqa: F401 - assets is a fixture
 
 LORA = ("--lora_rank", "4", "--lora_alpha", "8", "--lora_targets", "q_proj,v_proj,down_proj", "--wd", "0.1",

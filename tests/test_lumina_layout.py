@@ -22,7 +22,7 @@ from torch import nn
 import finetune_solver
 from dist_helper import make_learnable_data, run, torchrun
 from model.chameleon_lm import ChameleonLM, build_chameleon_lm, load_hf_config, read_hf_weights
-from model.checkpointing import read_dcp_metadata
+from model.training.checkpointing import read_dcp_metadata
 from model.lumina_layout import LuminaLayoutError, choose_qk_norm_groups, lumina_config, save_lumina
 from model.make_tiny_model import make_tiny_model
 from model.qk_norm import GroupedQKNorm, NORM_KEY_RE, decide_groups

@@ -1,4 +1,4 @@
-"""The memory and compute planner (model/planner.py, finetune_solver.py --plan, PLAN=1 exps/*.sh)."""
+"""The memory and compute planner (model/training/planner.py, finetune_solver.py --plan, PLAN=1 exps/*.sh)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dist_helper import REPO, free_port, run, spawn
 import finetune_solver
-from model import planner
+from model.training import planner
 from model.chameleon_lm import build_chameleon_lm, load_hf_config
 from model.make_tiny_model import make_tiny_model
 
@@ -88,7 +88,7 @@ def _units_of_the_real_fully_shard(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    from model.parallelize import parallelize
+    from model.training.parallelize import parallelize
 
     dist.init_process_group("gloo")
     try:

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from tar_helper import write_tar
 
-from data.energon_input import EnergonSource
-from data.input_formats import InputFileError, open_input
+from data.inputs.energon import EnergonSource
+from data.inputs.dispatch import open_input
+from data.inputs.item import InputFileError
 from data.records import ShardReader, iter_record_file
 from pre_tokenize.pre_tokenize import PretokArgs, main, run
 

@@ -1,4 +1,4 @@
-"""Input readers of pre-tokenization (data/input_formats.py): ids, ranges, bad files, bad items, memory."""
+"""Input readers of pre-tokenization (data/inputs/): ids, ranges, bad files, bad items, memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 import pytest
 from tar_helper import write_tar
 
-import data.input_formats as inf
-from data.input_formats import InputFileError, open_input, rank_range
+import data.inputs.json_files as inf
+from data.inputs.dispatch import open_input
+from data.inputs.item import InputFileError, rank_range
 
 
 def conv(q: str, a: str) -> list[dict]:
@@ -57,7 +58,8 @@ def test_jsonl_seeks_to_a_range_through_sparse_checkpoints(tmp_path, monkeypatch
 
 MEMORY_SCRIPT = """
 import resource, sys
-from data.input_formats import open_input, rank_range
+from data.inputs.dispatch import open_input
+from data.inputs.item import rank_range
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 src = open_input(sys.argv[1])
 n = sum(1 for _ in src.iter_items(rank_range(len(src), 7, 8)))

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from video_helper import frame_index, make_audio_only, make_video
 
-from data import video as video_mod
+from data.inputs import video as video_mod
 from data.image_preprocess import PAD_COLOR, preprocess_image
 from data.item_processor import ItemError, ItemProcessor
 from data.records import IGNORE_INDEX, ShardReader, iter_record_file
-from data.video import VideoLoadError, VideoSampling, choose_frames, load_video_frames
+from data.inputs.video import VideoLoadError, VideoSampling, choose_frames, load_video_frames
 from pre_tokenize.pre_tokenize import PretokArgs, main, run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

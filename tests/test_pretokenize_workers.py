@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from data.input_formats import InputItem
+from data.inputs.item import InputItem
 from data.item_processor import ItemError
 from data.pretok_workers import CRASH_MESSAGE, prepare_stream
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data.files as files
 import data.pretok_writer as pretok_writer
 import data.records as records
 from pre_tokenize.pre_tokenize import PretokArgs, main, run
@@ -87,7 +88,7 @@ def ctx():
     that never ran torch, so forking is safe)."""
     c = mp.get_context("forkserver")
     c.set_forkserver_preload(["pytest", "numpy", "PIL.Image", "torch", "tokenizers", "pre_tokenize.pre_tokenize",
-                              "data.item_processor", "data.pretok_workers", "model.tokenizer_bundle", "model.vqgan"])
+                              "data.item_processor", "data.pretok_workers", "model.tokenizer.bundle", "model.tokenizer.vqgan"])
     return c
 
 
@@ -272,7 +273,7 @@ def test_no_space_left_at_any_output_file_stops_with_a_clear_error_and_the_rerun
         name = Path(path).name
         return _FullDisk(f, left) if name.startswith(target) and any(c in mode for c in "wa+") else f
 
-    for mod in (records, pretok_writer):
+    for mod in (records, pretok_writer, files):
         monkeypatch.setattr(mod, "open", full_open, raising=False)
     assert main(argv(data, out, tiny_bundle, 0, 2, "--num_workers", "0", "--commit_items", "2")) == 2
     assert "No space left on device" in caplog.text and "re-run" in caplog.text, caplog.text[-3000:]

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import finetune_solver
 from dist_helper import REPO, free_port, make_learnable_data, run
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.make_tiny_model import make_tiny_model
 
 TIMEOUT = 120

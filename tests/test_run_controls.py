@@ -1,4 +1,4 @@
-"""--skip_iterations (Megatron's skipped ranges) and --deterministic, on the tiny model (model/run_controls.py).
+"""--skip_iterations (Megatron's skipped ranges) and --deterministic, on the tiny model (model/training/run_controls.py).
 
 Runs reuse test_trainer's assets and its uninterrupted dropout run (8 steps, a checkpoint every 2 steps)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import finetune_solver
 from model.export_hf import load_lm_from_checkpoint
-from model.run_controls import SkipRanges
+from model.training.run_controls import SkipRanges
 from test_trainer import DROPOUT_FLAGS, assets, metrics, run_dropout, solve  # noqa: F401 - fixtures
 
 SKIP = ("--skip_iterations", "3-4")

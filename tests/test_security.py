@@ -31,11 +31,11 @@ from data.data_config import DataConfigError, DataSource, load_data_config
 from data.dataset import RecordDataset
 from data.records import RecordFormatError
 from dist_helper import make_learnable_data
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.chameleon_lm import ModelLoadError, load_hf_config, read_hf_weights
 from model.make_tiny_model import make_tiny_model
-from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan import BundleError, VQGANConfig
+from model.tokenizer.bundle import ChameleonTokenizer
+from model.tokenizer.vqgan import BundleError, VQGANConfig
 from pre_tokenize.pre_tokenize import main as pretok_main
 
 

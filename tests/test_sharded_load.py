@@ -80,7 +80,7 @@ def _sharded_model(model_dir: Path, world: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     from model.chameleon_lm import build_chameleon_lm, load_hf_config
-    from model.parallelize import parallelize
+    from model.training.parallelize import parallelize
 
     lm = build_chameleon_lm(load_hf_config(model_dir), device="meta", mask_image_logits=True)
     parallelize(lm, init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)), precision="fp32")
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str]) -> None:
 
     import finetune_solver
     from model.chameleon_lm import ModelLoadError, read_hf_weights
-    from model.distributed import cleanup_distributed, detect_launch_env, init_distributed
+    from model.training.distributed import cleanup_distributed, detect_launch_env, init_distributed
     from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
 
     torch.set_num_threads(1)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from model import vqgan as vqgan_module
-from model.make_tiny_bundle import TINY_VQGAN, code_name, main as make_tiny_bundle_main
-from model.tokenizer_bundle import BUNDLE_FILES, BundleError, ChameleonTokenizer, code_from_name
-from model.vqgan import VQGAN, VQGANConfig, VectorQuantizer, count_parameters
+from model.tokenizer import vqgan as vqgan_module
+from model.tokenizer.tiny_bundle import TINY_VQGAN, code_name, main as make_tiny_bundle_main
+from model.tokenizer.bundle import BUNDLE_FILES, BundleError, ChameleonTokenizer, code_from_name
+from model.tokenizer.vqgan import VQGAN, VQGANConfig, VectorQuantizer, count_parameters
 
 
 def _rand_pixels(*shape, seed=0):

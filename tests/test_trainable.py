@@ -1,4 +1,4 @@
-"""--trainable (model/trainable.py) and --only_save_trainable: what trains, frozen rows bitwise unchanged on 1 and
+"""--trainable (model/training/trainable.py) and --only_save_trainable: what trains, frozen rows bitwise unchanged on 1 and
 2 FSDP ranks, no optimizer state for frozen tensors, checkpoints of the trainable part and their base model."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 import finetune_solver
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.chameleon_lm import build_chameleon_lm, image_token_ids, load_hf_config, read_hf_weights
 from model.export_hf import load_lm_from_checkpoint, main as export_main
-from model.optim import build_optimizer
-from model.trainable import (EMBED, HEAD, TrainableError, TrainablePlan, apply_trainable, attach_to_optimizer,
+from model.training.optim import build_optimizer
+from model.training.trainable import (EMBED, HEAD, TrainableError, TrainablePlan, apply_trainable, attach_to_optimizer,
                              base_fingerprint, mask_frozen_rows, resolve, shard_row_masks)
 from test_trainer import _same_logits, assets, metrics, solve  # noqa: F401 - assets is a fixture
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dist_helper import REPO, free_port, make_learnable_data, run, torchrun
 import finetune_solver
-from model import checkpointing as ck
+from model.training import checkpointing as ck
 from model.make_tiny_model import make_tiny_model
 
 TIMEOUT = 120
@@ -190,7 +190,7 @@ def test_resume_gives_identical_losses(assets, run_dropout, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import model.checkpointing as ck
+import model.training.checkpointing as ck
 import finetune_solver
 calls, save = [0], ck.dcp_save
 def save_then_die(*a, **k):  # the 2nd checkpoint's shards get written, then SIGKILL before it is complete

@@ -1,4 +1,4 @@
-"""The VQGAN encoder's CPU fast path (model/vqgan_fast.py) computes exactly what the modules compute."""
+"""The VQGAN encoder's CPU fast path (model/tokenizer/vqgan_fast.py) computes exactly what the modules compute."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import vqgan_fast
-from model.vqgan import VQGAN, VQGANConfig
+from model.tokenizer import vqgan_fast
+from model.tokenizer.vqgan import VQGAN, VQGANConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,7 +113,7 @@ def test_inputs_the_fast_path_cannot_take_run_the_modules(vq):
 def test_benchmark_lumina_loop_gives_the_same_tokens_and_labels_as_ours(tiny_bundle, tiny_tokenizer, tmp_path):
     from bench.bench_pretokenize import LuminaLoop, make_images
     from data.item_processor import ItemProcessor
-    from model.vqgan import load_vqgan
+    from model.tokenizer.vqgan import load_vqgan
 
     # Square inputs: Lumina's random crop offset is 0 there, so both pipelines see the same pixels.
     items = json.loads(make_images(tmp_path, 3, 96).read_text())
@@ -141,9 +141,9 @@ def test_reuse_freed_memory_ends_the_page_faults_of_the_encoders_activations():
     # 32 x 512 x 512 float32 = 32 MB, which glibc maps and unmaps afresh on every call by default.
     code = """if True:
         import resource, torch
-        from model.make_tiny_bundle import TINY_VQGAN
-        from model.vqgan import VQGAN
-        from model.vqgan_fast import reuse_freed_memory
+        from model.tokenizer.tiny_bundle import TINY_VQGAN
+        from model.tokenizer.vqgan import VQGAN
+        from model.tokenizer.vqgan_fast import reuse_freed_memory
         torch.set_num_threads(1)
         vq, x = VQGAN(TINY_VQGAN).eval().use_channels_last(), torch.zeros(1, 3, 512, 512)
         def faults():

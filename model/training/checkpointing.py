@@ -11,7 +11,7 @@ Layout (format ``lumina-stack-train-ckpt`` version 1), one directory per checkpo
         trainer_state.json           {"format", "version", "epoch", "iter", "global_step", "epoch_done",
                                       "sampler": {"epoch", "step"}, "world_size", "global_batch_size",
                                       "steps_per_epoch"}; with --only_save_trainable also
-                                     "base_model": {"path", "fingerprint"} (model/trainable.py)
+                                     "base_model": {"path", "fingerprint"} (model/training/trainable.py)
         args.json                    the trainer's flags
         config.json                  the model's transformers config
         hf/                          (epoch ends, unless --no_export_hf) ChameleonForConditionalGeneration
@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from data.records import fsync_dir
+from data.files import fsync_dir
 from model.qk_norm import regroup_state_dict
 
 logger = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
                     hf_config: dict, max_keep: int, export: Callable[[Path], None] | None = None,
                     model_keys: set[str] | None = None) -> Path:
     """Writes checkpoint ``name`` atomically (collective: every rank calls it). Returns its final path.
-    ``model_keys``: save only these model tensors (--only_save_trainable; see model/trainable.py)."""
+    ``model_keys``: save only these model tensors (--only_save_trainable; see model/training/trainable.py)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(output_dir)
     final, tmp = out / name, out / f"{TMP_PREFIX}{name}"

@@ -2,7 +2,7 @@
 
 Both are optional dependencies (``pip install -e .[dashboards]``); asking for one that is not installed
 stops the run before it starts, saying what to install. Nothing is written to a dashboard unless asked.
-Every numeric value of every metrics.jsonl row (see model/metrics.py: loss, closs, lr, grad_norm, ...,
+Every numeric value of every metrics.jsonl row (see model/training/metrics.py: loss, closs, lr, grad_norm, ...,
 ``loss/{type}``, ``val_loss``, ``val_loss/{type}``) goes to both, at x = the row's ``step``; strings
 (the row's ``type``) do not.
 

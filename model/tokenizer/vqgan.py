@@ -27,7 +27,7 @@ import torch.nn as nn
 import yaml
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 
-from model.vqgan_fast import FastEncoder
+from model.tokenizer.vqgan_fast import FastEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.channels_last = False
-        # The encoder's CPU fast path (model/vqgan_fast.py): same bits as the modules in channels_last.
+        # The encoder's CPU fast path (model/tokenizer/vqgan_fast.py): same bits as the modules in channels_last.
         self.fast_encode = True
         self._fast = FastEncoder(self.encoder, self.quant_conv)
 

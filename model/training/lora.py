@@ -9,7 +9,7 @@ What this module owns:
   a regex over the decoder layers only (``model.layers.N.self_attn|mlp.{targets}``; never lm_head, the
   embeddings or the VQ model). It runs on the meta-device model before ``parallelize`` (FSDP2 then shards
   the adapters with their layer), keeps our module names (``q_proj.base_layer.weight``,
-  ``q_proj.lora_A.default.weight``), and freezes every non-adapter weight; model/trainable.py then adds what
+  ``q_proj.lora_A.default.weight``), and freezes every non-adapter weight; model/training/trainable.py then adds what
   ``--trainable`` names besides the adapters. No LoRA layer is written here: the layers are peft's.
 - ``hf_to_model_state``: the initial weights for the wrapped model: the --init_from tensors under the
   wrapped names, and the adapters initialised as peft does by default (``init_lora_weights=True``: A
@@ -39,7 +39,7 @@ from torch import nn
 
 from model.qk_norm import regroup_state_dict
 
-from model.trainable import clean_name, hf_name
+from model.training.trainable import clean_name, hf_name
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,9 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from data.input_formats import ENERGON_META, NESTED_TOO_DEEPLY, InputFileError, InputItem, llava_to_lumina
+from data.inputs.item import NESTED_TOO_DEEPLY, InputFileError, InputItem, llava_to_lumina
+
+ENERGON_META = ".nv-meta"  # what `energon prepare` adds to a directory of webdataset shards
 
 # sample type -> (kind, fields it needs in field_map); the older *Webdataset names are the same types.
 SAMPLE_TYPES = {"VQASample": "vqa", "VQAWebdataset": "vqa",

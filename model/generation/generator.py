@@ -1,6 +1,6 @@
 """Sampling from a Chameleon / Lumina-mGPT model: images with classifier-free guidance and text answers.
 
-    from model.generator import Generator
+    from model.generation.generator import Generator
     gen = Generator.from_pretrained("output/run/epoch0/hf", "ckpts/chameleon/tokenizer", device="cpu",
                                     precision="fp32")
     outs = gen.generate_images(["A red bicycle"], resolution=(512, 512), n=4, cfg=4.0, seed=0)
@@ -9,10 +9,10 @@
                            "image": ["cat.jpg"]}], cfg=1.0)
     print(answers[0].text)
 
-One ``Generator`` serves ``generate.py``, the trainer's samples (model/sampling.py) and bench/bench_generate.py.
+One ``Generator`` serves ``generate.py``, the trainer's samples (model/generation/samples.py) and bench/bench_generate.py.
 ``--model`` may be an HF-format directory (ours, Lumina-mGPT's, Meta's: whatever ``--init_from`` loads, read by
 model/chameleon_lm.py) or a training checkpoint ``epoch{E}[-iter{I}]/`` (read through the safe DCP loader of
-model/checkpointing.py, as resume does).
+model/training/checkpointing.py, as resume does).
 
 Decoding rules: Lumina-mGPT's ``inference_solver.py`` (its three logits processors, in their order), per row:
 
@@ -31,7 +31,7 @@ Decoding rules: Lumina-mGPT's ``inference_solver.py`` (its three logits processo
   ``image_top_k`` inside a block and ``text_top_k`` outside (``InterleavedTopKLogitsWarper``), then
   temperature and top-p (transformers appends its sampling warpers after custom processors). Text stops
   at ``<reserved08706>``.
-- Special ids come from the tokenizer bundle, found by name (model/tokenizer_bundle.py).
+- Special ids come from the tokenizer bundle, found by name (model/tokenizer/bundle.py).
 
 Faster than Lumina's loop: Lumina runs the conditional and the unconditional sequence as two forwards per
 token, one prompt at a time. Here every sample (several prompts, ``n`` samples each) has a conditional row and,
@@ -59,7 +59,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,17 +68,13 @@ from transformers import ChameleonConfig, DynamicCache
 
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
                                 only_model_keys, read_hf_weights, resolve_hf_dir)
-from model.tokenizer_bundle import PIXELS_PER_SIZE_UNIT, ChameleonTokenizer, size_token_name
+from model.generation.prompts import T2I_TEMPLATE, GenerationInputError, ItemPromptBuilder, PromptBuilder
+from model.tokenizer.bundle import PIXELS_PER_SIZE_UNIT, ChameleonTokenizer, size_token_name
 
 logger = logging.getLogger(__name__)
 
-T2I_TEMPLATE = "Generate an image of {W}x{H} according to the following prompt:\n{prompt}"
 IMAGE_MARKER = "<|image|>"
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class GenerationInputError(ValueError):
-    """A prompt, conversation, resolution or model that cannot be generated from; the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,14 +146,6 @@ class Generation:
         d = asdict(self)
         d["image_codes"] = [c.tolist() for c in self.image_codes]
         return d
-
-
-class PromptBuilder(Protocol):
-    """Turns user input into prompt tokens exactly as training sequences are built (data/prompts.py)."""
-
-    def text_to_image(self, prompt: str, width: int | None, height: int | None, template: str) -> list[int]: ...
-
-    def conversation(self, item: dict, base_dir: str | Path | None = None) -> list[int]: ...
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -277,7 +265,7 @@ def load_lm(model: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """An unsharded ``ChameleonLM`` in eval mode from an HF-format dir (or hub id) or a training checkpoint."""
     p = Path(model).expanduser()
     if is_training_checkpoint(p):
-        from model.checkpointing import CheckpointError
+        from model.training.checkpointing import CheckpointError
         from model.export_hf import load_lm_from_checkpoint
         try:
             lm = load_lm_from_checkpoint(p)
@@ -317,9 +305,7 @@ class Generator:
         self.distributed = distributed
         self._code_mask = self.specials.code_mask.to(self.device)
         if prompt_builder is None:
-            # the item processor's rules, so prompts are token-identical to training sequences; it lives in
-            # data/ but is not the training data path (no loader, dataset or sampler is imported)
-            from data.prompts import ItemPromptBuilder
+            # the item processor's rules, so prompts are token-identical to training sequences
             prompt_builder = ItemPromptBuilder(tokenizer, target_size=target_size)
         self.prompt_builder = prompt_builder
 

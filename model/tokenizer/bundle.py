@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from model import vqgan as vqgan_module
-from model.vqgan import VQGAN, BundleError
+from model.tokenizer import vqgan as vqgan_module
+from model.tokenizer.vqgan import VQGAN, BundleError
 
 logger = logging.getLogger(__name__)
 

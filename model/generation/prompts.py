@@ -21,12 +21,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 from data.item_processor import ASSISTANT_ROLES, ItemError, ItemProcessor
-from model.generator import T2I_TEMPLATE, GenerationInputError
-from model.tokenizer_bundle import EOT, ChameleonTokenizer
+from model.tokenizer.bundle import EOT, ChameleonTokenizer
 
-__all__ = ["ItemPromptBuilder", "read_prompts_file", "read_conversations", "T2I_TEMPLATE"]
+__all__ = ["ItemPromptBuilder", "PromptBuilder", "read_prompts_file", "read_conversations", "T2I_TEMPLATE",
+           "GenerationInputError"]
+
+T2I_TEMPLATE = "Generate an image of {W}x{H} according to the following prompt:\n{prompt}"
+
+
+class GenerationInputError(ValueError):
+    """A prompt, conversation, resolution or model that cannot be generated from; the message names it."""
+
+
+class PromptBuilder(Protocol):
+    """Turns user input into prompt tokens exactly as training sequences are built (ItemPromptBuilder below)."""
+
+    def text_to_image(self, prompt: str, width: int | None, height: int | None, template: str) -> list[int]: ...
+
+    def conversation(self, item: dict, base_dir: str | Path | None = None) -> list[int]: ...
+
 
 # the item processor builds whole training items, which need an assistant turn; a placeholder one is added
 # and cut off again (turns are encoded one by one, so the tokens before it do not depend on it)
@@ -34,7 +50,7 @@ _PLACEHOLDER = "x"
 
 
 class ItemPromptBuilder:
-    """``model.generator.PromptBuilder`` over ``ItemProcessor`` (``target_size``: crop budget for input images)."""
+    """``PromptBuilder`` over ``ItemProcessor`` (``target_size``: crop budget for input images)."""
 
     def __init__(self, tokenizer: ChameleonTokenizer, target_size: int = 512):
         self.tokenizer = tokenizer

@@ -1,5 +1,5 @@
 """Training logs: ``common.log`` / ``rank-N.log`` handlers, ``metrics.jsonl`` (and the dashboards of
-model/dashboards.py, fed the same rows), the running loss per batch type.
+model/training/dashboards.py, fed the same rows), the running loss per batch type.
 
 ``metrics.jsonl`` (rank 0 appends one JSON object per logged step; a resumed run appends to the same file,
 so a step may appear twice and the last line wins):
@@ -24,7 +24,7 @@ so a step may appear twice and the last line wins):
                     trained steps of this type (this step included; windowed, not exponential). In a mixed
                     run consecutive steps alternate between types whose losses differ a lot, so one curve
                     of ``loss`` zigzags; one curve per type does not. Only the row's own type is written.
-    val_loss        (rows of steps with an evaluation, see model/evaluation.py) loss over the held-out
+    val_loss        (rows of steps with an evaluation, see model/training/evaluation.py) loss over the held-out
     val_loss/{type} records of --val_data_config, all types / per type; val_tokens: labelled tokens in it
 
 A step is written when ``step % --log_every == 0`` or when it has an evaluation (one row per step: the
@@ -101,7 +101,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 class MetricsWriter:
     """Rank 0's sink for per-step metrics: metrics.jsonl, then each dashboard of ``sinks`` (objects with
-    ``log(row)`` and ``close()``, see model/dashboards.py)."""
+    ``log(row)`` and ``close()``, see model/training/dashboards.py)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, sinks: list | None = None):
         self.enabled = enabled

@@ -14,7 +14,7 @@ What this module owns:
        norms       every norm weight and bias (RMSNorms, the per-head q/k LayerNorms, the final norm)
        GLOB        e.g. model.layers.*.self_attn.*, lm_head, model.layers.3.*
 
-   With LoRA (model/lora.py) the adapters always train and PATTERNS names what trains *besides* them
+   With LoRA (model/training/lora.py) the adapters always train and PATTERNS names what trains *besides* them
    (default: nothing); the weights LoRA wraps (``*.base_layer.weight``) never train. Names are the HF
    names (``.base_layer`` and activation-checkpoint wrappers removed).
 
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from model.chameleon_lm import image_token_ids, read_hf_weights
-from model.checkpointing import CheckpointError
+from model.training.checkpointing import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ TRAINABLE_HELP = ("comma-separated parameter-name globs and presets that train; 
                   "image_head (only the image-code rows 4..8195 of lm_head and of the input embeddings), "
                   "no_embed (all but model.embed_tokens), norms (every norm weight/bias). Globs: e.g. "
                   "'model.layers.*.self_attn.*,lm_head'. With --lora_rank: what trains besides the adapters "
-                  "(default: nothing). See model/trainable.py")
+                  "(default: nothing). See model/training/trainable.py")
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
 FP_SAMPLES, FP_SAMPLE_BYTES = 64, 1 << 16
 

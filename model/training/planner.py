@@ -12,7 +12,7 @@ How each term is obtained (P = parameters, W = world size, b = bytes of the comp
 
 - Model: ``ChameleonLM`` built on the meta device from ``--init_from``'s config.json or a ``--model_size``
   preset (``PRESETS``). Parameter counts and shapes are the real ones, whatever the config.
-- FSDP2 units: the units of ``model/parallelize.py`` (embeddings, each decoder layer, the head, the root
+- FSDP2 units: the units of ``model/training/parallelize.py`` (embeddings, each decoder layer, the head, the root
   holding the final norm). ``fully_shard`` splits each parameter on dim 0 into W chunks of
   ceil(d0 / W) rows and keeps that padded chunk on every rank, so a rank holds
   ``sum ceil(d0 / W) * (numel / d0)`` elements of every unit (``shard_numel``; tests/test_planner.py
@@ -46,7 +46,7 @@ How each term is obtained (P = parameters, W = world size, b = bytes of the comp
   allocator's reserved-but-unused blocks) and ``CUDA_CONTEXT_GB`` (CUDA context, NCCL buffers, not seen
   by the allocator) before comparing with ``--gpu_memory_gb``. bench/bench_planner.py measures the peak
   of tensor bytes on CPU (torch profiler allocation events) against this prediction.
-- FLOPs: ``model.metrics.flops_per_token`` (6 x non-embedding parameters + 12 x layers x hidden x S per
+- FLOPs: ``model.training.metrics.flops_per_token`` (6 x non-embedding parameters + 12 x layers x hidden x S per
   token, forward + backward) times the tokens of a step; activation checkpointing adds one forward of the
   decoder layers (hardware FLOPs, reported apart). Step time = FLOPs per rank / (GPU peak x MFU).
 
@@ -149,12 +149,12 @@ def plan_config(init_from: str | None, model_size: str):
     raw = PRESETS[model_size]
     cfg = ChameleonConfig(**raw, vocabulary_map=chameleon_vocabulary_map(raw["vocab_size"]))
     cfg._attn_implementation = "sdpa"
-    return cfg, f"published Chameleon {model_size} config (model/planner.py PRESETS)"
+    return cfg, f"published Chameleon {model_size} config (model/training/planner.py PRESETS)"
 
 
 @dataclass
 class Unit:
-    """One ``fully_shard`` unit of model/parallelize.py: its parameters' shapes (name -> shape)."""
+    """One ``fully_shard`` unit of model/training/parallelize.py: its parameters' shapes (name -> shape)."""
 
     name: str
     shapes: dict[str, tuple[int, ...]]
@@ -180,7 +180,7 @@ def local_rows(d0: int, world: int, rank: int) -> int:
 
 
 def fsdp_units(lm, data_parallel: str = "fsdp") -> list[Unit]:
-    """The units of ``model.parallelize.parallelize`` in their order: embeddings, layers, head, root."""
+    """The units of ``model.training.parallelize.parallelize`` in their order: embeddings, layers, head, root."""
     reshard = data_parallel == "fsdp"
     owned: set[str] = set()
     units = []
@@ -279,7 +279,7 @@ def simulate_micro_batch(config, *, n_layers: int, batch_size: int, seq_len: int
         # every parameter is trained, so every matmul saves its input; a layer's weight gradients are the
         # unsharded gradients FSDP builds in that layer's backward (then reduce-scatters and frees)
         layers = lm.model.layers
-        if checkpointing:  # exactly as model/parallelize.py wraps them
+        if checkpointing:  # exactly as model/training/parallelize.py wraps them
             for i, layer in enumerate(layers):
                 layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         lm.train()
@@ -434,7 +434,7 @@ class Model:
     @classmethod
     def from_config(cls, config, source: str = "config") -> "Model":
         from model.chameleon_lm import build_chameleon_lm
-        from model.optim import no_decay
+        from model.training.optim import no_decay
 
         lm = build_chameleon_lm(config, device="meta")
         n = sum(p.numel() for p in lm.parameters())
@@ -448,12 +448,12 @@ class Model:
 
 def trainable_numel(config, a) -> int | None:
     """Parameters that get gradients and AdamW state under the run's --trainable / --lora_* flags (None: all).
-    Whole tensors count: a row-level preset (image_head) keeps its tensors' full gradients (model/trainable.py)."""
+    Whole tensors count: a row-level preset (image_head) keeps its tensors' full gradients (model/training/trainable.py)."""
     if getattr(a, "trainable", None) in (None, "all") and not getattr(a, "lora_rank", 0):
         return None
     from model.chameleon_lm import build_chameleon_lm
-    from model.lora import apply_lora
-    from model.trainable import apply_trainable
+    from model.training.lora import apply_lora
+    from model.training.trainable import apply_trainable
 
     lm = build_chameleon_lm(config, device="meta")
     apply_lora(lm, a)
@@ -541,7 +541,7 @@ def plan_memory(m: Model, s: Settings, *, n_trainable: int | None = None, on_gpu
 
 def plan_compute(m: Model, s: Settings, *, gpu: str, mfu: float) -> dict:
     """FLOPs of one optimizer step and, at ``mfu`` of ``gpu``'s peak for the compute dtype, its time."""
-    from model.metrics import flops_per_token
+    from model.training.metrics import flops_per_token
 
     cfg = m.config
     tokens_rank = s.batch_size * s.accum_iter * s.max_seq_len

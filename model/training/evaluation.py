@@ -30,7 +30,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from model.chameleon_lm import IGNORE_INDEX
-from model.distributed import all_reduce_sum
+from model.training.distributed import all_reduce_sum
 
 logger = logging.getLogger(__name__)
 

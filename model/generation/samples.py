@@ -8,7 +8,7 @@ Owns two things:
    where an image stands), image files, prompt and generated token ids, seed, stop reason and all decoding
    settings; ``{out}/contact_sheet.png``, every image of the run on one sheet.
 2. ``TrainingSamples``: ``--sample_prompts FILE --sample_every N`` of finetune_solver.py. Every N optimizer
-   steps and at each epoch end, all ranks generate together from the FSDP-sharded weights (model/generator.py
+   steps and at each epoch end, all ranks generate together from the FSDP-sharded weights (model/generation/generator.py
    keeps them in lock-step) and rank 0 writes ``{output_dir}/samples/step{N}/``. Sampling leaves training
    exactly as it was: the CPU and CUDA RNG states are saved and restored around it (the generator draws only
    from its own ``torch.Generator``s anyway), and the model's train/eval mode is restored, so the losses of a
@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model.checkpointing import capture_rng, restore_rng
-from model.generator import DecodeSettings, Generation, Generator, GenerationInputError, Request
-from model.tokenizer_bundle import ChameleonTokenizer
-from model.vqgan import BundleError
+from model.training.checkpointing import capture_rng, restore_rng
+from model.generation.generator import DecodeSettings, Generation, Generator, GenerationInputError, Request
+from model.tokenizer.bundle import ChameleonTokenizer
+from model.tokenizer.vqgan import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class TrainingSamples:
             tok = ChameleonTokenizer.from_bundle(a.sample_tokenizer_dir, device=device, load_vqgan=rank == 0)
         except BundleError as e:
             raise GenerationInputError(f"--sample_tokenizer_dir: {e}") from e
-        from data.prompts import ItemPromptBuilder, read_conversations, read_prompts_file  # item processor only
+        from model.generation.prompts import ItemPromptBuilder, read_conversations, read_prompts_file  # item processor only
         gen = Generator(lm, tok, device=device, distributed=True,
                         prompt_builder=ItemPromptBuilder(tok) if rank == 0 else _NoPrompts())
         reqs: object = None

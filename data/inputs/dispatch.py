@@ -1,0 +1,61 @@
+"""The one dispatch of pre-tokenization's inputs: ``--in_format`` and a path -> a source of items.
+
+Formats (``--in_format``; ``auto`` picks by path):
+    json, llava, jsonl  Lumina / LLaVA JSON lists and JSONL files (data/inputs/json_files.py)
+    wds      a directory of webdataset ``*.tar`` shards (data/inputs/webdataset.py)
+    energon  a dataset prepared by Megatron-Energon's ``energon prepare`` (a directory with ``.nv-meta/``;
+             ``auto`` picks it for such a directory): the shards of one split (``--energon_split``) of
+             ``.nv-meta/split.yaml``, in its order, samples in archive order, excluded ones left out; the
+             sample type and field map of ``.nv-meta/dataset.yaml``: ``VQASample`` (``VQAWebdataset``)
+             -> image, ``context`` as the human turn, ``answers`` (the first, if a list) as the assistant
+             turn; ``CaptioningSample`` (``CaptioningWebdataset``) -> a human turn that is just the image,
+             ``caption`` as the assistant turn. Other sample types, and ``sample_loader`` code, are refused
+             (data/inputs/energon.py).
+
+Every source has ``format``, ``base_dir``, ``len()`` and ``iter_items(ids)`` yielding an
+:class:`~data.inputs.item.InputItem` per id of the range, in order (data/inputs/item.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.inputs.energon import ENERGON_META, EnergonSource
+from data.inputs.item import InputFileError
+from data.inputs.json_files import JsonListSource, JsonlSource
+from data.inputs.webdataset import WdsSource
+
+FORMATS = ("auto", "json", "llava", "jsonl", "wds", "energon")
+
+
+def open_input(path: str | Path, in_format: str = "auto", energon_split: str = "train"):
+    """Opens ``path`` as a source of items (see the module docstring); checks the file at once."""
+    path = Path(path)
+    if in_format not in FORMATS:
+        raise InputFileError(f"--in_format {in_format!r}: expected one of {', '.join(FORMATS)}")
+    if in_format == "auto":
+        if path.is_dir() and (path / ENERGON_META).is_dir():
+            in_format = "energon"
+        elif path.is_dir():
+            in_format = "wds"
+        elif path.suffix.lower() == ".jsonl":
+            in_format = "jsonl"
+        elif path.suffix.lower() == ".json":
+            in_format = "json?"
+        elif not path.exists():
+            raise InputFileError(f"--in_filename {path}: file not found")
+        else:
+            raise InputFileError(f"--in_filename {path}: cannot tell the format from the name; pass "
+                                 f"--in_format (one of json, llava, jsonl, wds, energon)")
+    if in_format == "energon":
+        return EnergonSource(path, energon_split)
+    if in_format == "wds":
+        if path.exists() and not path.is_dir():
+            raise InputFileError(f"--in_filename {path}: --in_format wds needs a directory of .tar shards")
+        return WdsSource(path)
+    if path.is_dir():
+        raise InputFileError(f"--in_filename {path}: is a directory; for webdataset shards use "
+                             f"--in_format wds (or auto)")
+    if in_format == "jsonl":
+        return JsonlSource(path)
+    return JsonListSource(path, llava={"json?": None, "json": False, "llava": True}[in_format])
