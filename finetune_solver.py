@@ -488,13 +488,13 @@ def _decide_resume(a: TrainArgs, out: Path, rank: int) -> Path | None:
     resume: object = None
     if rank == 0:
         try:
+            ckpt.remove_stale_tmp(out)  # first: it puts back a checkpoint that a crash left mid-rename
             if a.resume_path:
                 resume = Path(a.resume_path)
             elif a.auto_resume:  # a damaged newest checkpoint is skipped for the one before, with a warning
                 resume = ckpt.latest_usable_checkpoint(out)
             if resume is not None:
                 ckpt.verify_checkpoint(resume)  # damage or code: a clear error now, not inside DCP later
-            ckpt.remove_stale_tmp(out)
         except ckpt.CheckpointError as e:
             resume = e
     resume = _broadcast(resume, rank)

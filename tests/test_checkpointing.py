@@ -112,3 +112,106 @@ def test_zero_image_head_zeroes_exactly_the_image_rows(tiny_model, tmp_path):
             else:
                 assert torch.equal(x, y), k
     assert json.loads((out / "config.json").read_text()) == json.loads((tiny_model / "config.json").read_text())
+
+
+# ------------------------------------------------------------------------------- a crash at each step of a save
+
+# Saves checkpoint NAME of a tiny model (weights 1.0) and then saves the same NAME again (weights 2.0, as a run
+# restarted from an older checkpoint does), in a forked child per crash point that os._exit()s at that step of
+# the second save (or finishes, for "none"). One interpreter start for all the points.
+_CRASH_SAVE = r"""
+import os, sys, warnings
+import torch
+from model.training import checkpointing as ck
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+root, steps = sys.argv[1], sys.argv[2:]
+for step in steps:
+    pid = os.fork()
+    if pid == 0:
+        out = os.path.join(root, step)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for v in (1.0, 2.0):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(v)
+            if v == 2.0:
+                ck._on_save_step = lambda s: os._exit(17) if s == step else None
+            ck.save_checkpoint(out, "epoch0-iter2", model=model, optimizer=opt, args={},
+                               train_state={"v": v, "epoch": 0, "iter": 2, "global_step": 2},
+                               hf_config={}, max_keep=0)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(step, os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_crash_at_any_step_of_saving_a_name_again_keeps_a_complete_copy_of_it(tmp_path):
+    import subprocess
+    import sys
+
+    points = [*ck.SAVE_STEPS, "none"]
+    run = subprocess.run([sys.executable, "-c", _CRASH_SAVE, str(tmp_path), *points], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    codes = dict(line.split() for line in run.stdout.split("\n") if line)
+    assert codes == {p: "0" if p == "none" else "17" for p in points}, (codes, run.stderr[-3000:])
+    for point in points:
+        out = tmp_path / point
+        ck.remove_stale_tmp(out)  # what the next run does first
+        assert sorted(p.name for p in out.iterdir()) == ["epoch0-iter2"], point
+        got = ck.latest_usable_checkpoint(out)
+        assert got == out / "epoch0-iter2", point
+        v = ck.read_train_state(got)["v"]
+        # before the old copy moved aside the previous save stands; from then on the new one is complete
+        assert v == (1.0 if point == "marker_written" else 2.0), point
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ck.load_checkpoint(got, model=model, optimizer=opt)
+        assert all(torch.equal(p, torch.full_like(p, v)) for p in model.parameters()), point
+
+
+def test_the_metadata_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch):
+    """A .metadata that changes between the check and DCP's load (a concurrent copy, or an attacker racing the
+    check) must never be unpickled unchecked: the load reads and checks the file once."""
+    import os
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    ckpt = tmp_path / "c"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": {"w": torch.ones(3)}}, checkpoint_id=str(ckpt))
+    real_load = ck._DcpMetadataUnpickler.load
+    loads = []
+
+    def load_then_swap(self):
+        out = real_load(self)  # the check sees the good file ...
+        loads.append(1)
+        if len(loads) == 1:  # ... and right after it, the file is replaced
+            (ckpt / ".metadata").write_bytes(pickle.dumps(Payload()))
+        return out
+
+    monkeypatch.setattr(ck._DcpMetadataUnpickler, "load", load_then_swap)
+    state = {"model": {"w": torch.zeros(3)}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            ck.load_dcp_state(state, ckpt)
+            error = None
+        except ck.CheckpointError as e:
+            error = e
+    assert not marker.exists(), "DCP unpickled .metadata bytes that were never checked"
+    if error is not None:  # the swapped file was checked and refused, or ...
+        assert isinstance(error, ck.UnsafeCheckpointError) and "posix.system" in str(error), error
+    else:  # ... the load used the bytes that were checked
+        assert torch.equal(state["model"]["w"], torch.ones(3))
