@@ -215,3 +215,68 @@ def test_the_metadata_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch):
         assert isinstance(error, ck.UnsafeCheckpointError) and "posix.system" in str(error), error
     else:  # ... the load used the bytes that were checked
         assert torch.equal(state["model"]["w"], torch.ones(3))
+
+
+# ------------------------------------------------------------------------------- the VQ model of HF exports
+
+
+def _vq_tensors(hf_dir) -> dict:
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys() if ".vqmodel." in k})
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_from_a_release_without_vq(tiny_bundle, tiny_model, tmp_path_factory) -> dict:
+    """One training step from an --init_from that, like Lumina's 7B releases, holds no VQ model."""
+    import shutil
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    import finetune_solver
+    from dist_helper import make_learnable_data
+
+    root = tmp_path_factory.mktemp("no_vq_run")
+    release = root / "release"
+    release.mkdir()
+    shutil.copy(tiny_model / "config.json", release / "config.json")
+    sd = load_file(str(tiny_model / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if ".vqmodel." not in k}, str(release / "model.safetensors"),
+              metadata={"format": "pt"})
+    data = make_learnable_data(root / "data", n_items=8)
+    out = root / "out"
+    assert finetune_solver.main(["--init_from", str(release), "--data_config", str(data), "--output_dir", str(out),
+                                 "--precision", "fp32", "--num_workers", "0", "--batch_size", "2", "--accum_iter",
+                                 "1", "--no_export_hf", "--save_iteration_interval", "1", "--max_steps", "1"]) == 0
+    assert not dist.is_initialized()
+    return {"release": release, "ckpt": out / "epoch0-iter1"}
+
+
+@pytest.mark.slow
+def test_an_export_never_holds_a_vq_model_nobody_trained_or_loaded(run_from_a_release_without_vq, tiny_model,
+                                                                   tmp_path, caplog):
+    from transformers import ChameleonForConditionalGeneration
+
+    from model.export_hf import main as export_main
+
+    ckpt, release = run_from_a_release_without_vq["ckpt"], run_from_a_release_without_vq["release"]
+    with caplog.at_level("INFO"):
+        assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain")]) == 0
+    # --init_from has no VQ model: neither has the export (old code wrote a randomly initialised one) ...
+    assert _vq_tensors(tmp_path / "plain") == {}
+    assert "no VQ model" in caplog.text
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "plain").eval()  # ... and it still loads
+    ids = torch.arange(9000, 9012).reshape(1, -1)
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=ids, use_cache=False).logits).all()
+    # --vq_from copies the real one, bit for bit
+    assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "with_vq"), "--vq_from", str(tiny_model)]) == 0
+    want, got = _vq_tensors(tiny_model), _vq_tensors(tmp_path / "with_vq")
+    assert want and sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # a --vq_from without one is an error, not an export without it
+    assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "bad"), "--vq_from", str(release)]) == 1
+    assert "holds no VQ model" in caplog.text and not (tmp_path / "bad").exists()

@@ -508,28 +508,31 @@ def save_hf(full_sd: dict[str, torch.Tensor], config, out_dir: str | Path, *, dt
             vq_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``ChameleonForConditionalGeneration.save_pretrained`` output (safetensors) from our weights.
 
-    The VQ model, which training drops, is put back from ``vq_state_dict`` (keys ``model.vqmodel.*``, e.g.
-    from the --init_from checkpoint); without it, it is randomly initialised and a warning says so. Grouped
-    q/k norms ([groups, head_dim], see model/qk_norm.py) are written per head, each group's row repeated.
+    The VQ model, which training drops, is copied from ``vq_state_dict`` (keys ``model.vqmodel.*``, read from
+    the --init_from checkpoint by ``read_vq_weights``). Without it the export holds no VQ model, as Lumina's
+    7B releases do: never weights nobody trained or loaded. transformers then initialises the VQ model at
+    load time (it warns about the missing ``model.vqmodel.*`` keys); token generation does not use it, and
+    images are encoded and decoded with the tokenizer bundle's VQGAN. Grouped q/k norms ([groups,
+    head_dim], see model/qk_norm.py) are written per head, each group's row repeated.
     """
     from transformers import ChameleonForConditionalGeneration
-    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding, ChameleonVQVAE
+    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
     out_dir = Path(out_dir)
     with torch.device("meta"):
         hf = ChameleonForConditionalGeneration(config)
     sd = {k: v.to(dtype) for k, v in regroup_state_dict(full_sd, config, None).items()}
     vq = {k: v.to(dtype) for k, v in (vq_state_dict or {}).items()}
-    if not vq:
-        logger.warning("HF export %s: no VQ-model weights available, writing a randomly initialised VQ model "
-                       "(it is not used for training or token generation)", out_dir)
-        hf.model.vqmodel = ChameleonVQVAE._from_config(config.vq_config).to(dtype)
-        sd.update({f"model.vqmodel.{k}": v for k, v in hf.model.vqmodel.state_dict().items()})
-    sd.update(vq)
+    if vq:
+        sd.update(vq)
+        what = "VQ model copied from the starting checkpoint"
+    else:
+        hf.model.vqmodel = None  # not in the state dict, so not written
+        what = "no VQ model (as Lumina's releases; the tokenizer bundle's VQGAN encodes and decodes images)"
     hf.load_state_dict(sd, strict=True, assign=True)
     hf.model.rotary_emb = ChameleonRotaryEmbedding(config)
     hf.config.dtype = dtype
     hf.eval()
     hf.save_pretrained(out_dir, safe_serialization=True, max_shard_size="10GB")
-    logger.info("exported HF-format model to %s (%s)", out_dir, dtype)
+    logger.info("exported HF-format model to %s (%s; %s)", out_dir, dtype, what)
     return out_dir
