@@ -116,31 +116,36 @@ def test_zero_image_head_zeroes_exactly_the_image_rows(tiny_model, tmp_path):
 
 # ------------------------------------------------------------------------------- a crash at each step of a save
 
-# Saves checkpoint NAME of a tiny model (weights 1.0) and then saves the same NAME again (weights 2.0, as a run
-# restarted from an older checkpoint does), in a forked child per crash point that os._exit()s at that step of
-# the second save (or finishes, for "none"). One interpreter start for all the points.
+# Saves checkpoint NAME of a tiny model (weights 1.0), then, in a copy of that directory per crash point, saves the
+# same NAME again (weights 2.0, as a run restarted from an older checkpoint does) in a forked child that
+# os._exit()s at that step of the save (or finishes, for "none"). One interpreter start for all the points.
 _CRASH_SAVE = r"""
-import os, sys, warnings
+import os, shutil, sys, warnings
 import torch
 from model.training import checkpointing as ck
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 root, steps = sys.argv[1], sys.argv[2:]
+model = torch.nn.Linear(3, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def save(out, v):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(v)
+    ck.save_checkpoint(out, "epoch0-iter2", model=model, optimizer=opt, args={}, hf_config={}, max_keep=0,
+                       train_state={"v": v, "epoch": 0, "iter": 2, "global_step": 2})
+
+
+save(os.path.join(root, "first"), 1.0)
 for step in steps:
+    out = os.path.join(root, step)
+    shutil.copytree(os.path.join(root, "first"), out)
     pid = os.fork()
     if pid == 0:
-        out = os.path.join(root, step)
-        model = torch.nn.Linear(3, 2)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for v in (1.0, 2.0):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.fill_(v)
-            if v == 2.0:
-                ck._on_save_step = lambda s: os._exit(17) if s == step else None
-            ck.save_checkpoint(out, "epoch0-iter2", model=model, optimizer=opt, args={},
-                               train_state={"v": v, "epoch": 0, "iter": 2, "global_step": 2},
-                               hf_config={}, max_keep=0)
+        ck._on_save_step = lambda s: os._exit(17) if s == step else None
+        save(out, 2.0)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     print(step, os.waitstatus_to_exitcode(status))
@@ -165,7 +170,7 @@ def test_a_crash_at_any_step_of_saving_a_name_again_keeps_a_complete_copy_of_it(
         assert got == out / "epoch0-iter2", point
         v = ck.read_train_state(got)["v"]
         # before the old copy moved aside the previous save stands; from then on the new one is complete
-        assert v == (1.0 if point == "marker_written" else 2.0), point
+        assert v == (1.0 if point in ("tmp_created", "shards_written", "marker_written") else 2.0), point
         model = torch.nn.Linear(3, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ck.load_checkpoint(got, model=model, optimizer=opt)

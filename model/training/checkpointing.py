@@ -78,8 +78,8 @@ VERSION = 1
 MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = f"{TMP_PREFIX}old-"  # the previous copy of a name being saved again, until the new one is in
-# The points of a save's last phase (rank 0), in order; the tests crash a save at each (``_on_save_step``).
-SAVE_STEPS = ("marker_written", "old_moved_aside", "new_moved_in", "dir_synced", "old_unmarked", "old_removed")
+# The points of a save, in order (from "marker_written" on, rank 0's last phase); the tests crash a save at each (``_on_save_step``).
+SAVE_STEPS = ("tmp_created", "shards_written", "marker_written", "old_moved_aside", "new_moved_in", "dir_synced", "old_unmarked", "old_removed")
 _on_save_step: Callable[[str], None] | None = None
 
 
@@ -419,6 +419,7 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
+        _save_step("tmp_created")
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
     if model_keys is not None:
@@ -430,6 +431,7 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
         os.fsync(f.fileno())
     if export is not None:
         export(tmp / "hf")
+    _save_step("shards_written")
     _barrier()
     if rank == 0:
         _write_json(tmp / "trainer_state.json", {"format": FORMAT, "version": VERSION, **train_state})
