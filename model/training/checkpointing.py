@@ -28,8 +28,8 @@ save leaves the previous checkpoint as the newest usable one; the stale ``.tmp-*
 run. Saving a name that exists (a run restarted from an older checkpoint) moves the old copy to
 ``.tmp-old-{name}`` before the new one is renamed in; a crash between the two renames is repaired by the next
 run (``recover_interrupted_saves``: the complete new copy, else the old one, gets the name back), so the only
-complete copy of a name survives a crash at any point of the save. ``--ckpt_max_keep N`` keeps the N newest complete checkpoints (<= 0: all). The output directory must
-be on a file system all ranks share.
+complete copy of a name survives a crash at any point of the save. ``--ckpt_max_keep N`` keeps the N newest
+complete checkpoints (<= 0: all). The output directory must be on a file system all ranks share.
 
 Damage after the save (a truncated copy, a lost shard file): ``latest_usable_checkpoint`` checks the newest
 complete checkpoint (``verify_checkpoint``: every DCP file as long as its ``.metadata`` says, the RNG files
@@ -38,8 +38,9 @@ readable) and falls back, with a warning, to the previous one when it is damaged
 No code from a checkpoint is ever run. DCP itself unpickles ``.metadata`` with plain ``pickle.load`` and
 non-tensor entries with ``torch.load(weights_only=False)``; ``load_dcp_state`` gives DCP a reader that reads
 ``.metadata`` once and unpickles those bytes with an unpickler that admits only DCP's metadata classes (the
-bytes checked are the bytes loaded), and checks the non-tensor entries with ``weights_only=True`` first. A checkpoint that needs anything else is refused with ``UnsafeCheckpointError`` (never skipped
-silently: someone put it there).
+bytes checked are the bytes loaded), and checks the non-tensor entries with ``weights_only=True`` first. A
+checkpoint that needs anything else is refused with ``UnsafeCheckpointError`` (never skipped silently:
+someone put it there).
 """
 
 from __future__ import annotations
@@ -78,18 +79,20 @@ VERSION = 1
 MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = f"{TMP_PREFIX}old-"  # the previous copy of a name being saved again, until the new one is in
-# The points of a save, in order (from "marker_written" on, rank 0's last phase); the tests crash a save at each (``_on_save_step``).
-SAVE_STEPS = ("tmp_created", "shards_written", "marker_written", "old_moved_aside", "new_moved_in", "dir_synced", "old_unmarked", "old_removed")
+NAME_RE = re.compile(r"^epoch(\d+)(?:-iter(\d+))?$")
+
+# indirection so a test can interrupt a save at a chosen point (see tests/test_trainer.py)
+dcp_save = dcp.save
+# The points of a save, in order (from "marker_written" on: rank 0's renames); tests/test_checkpointing.py
+# sets ``_on_save_step`` to kill a save at each of them.
+SAVE_STEPS = ("tmp_created", "shards_written", "marker_written", "old_moved_aside", "new_moved_in", "dir_synced",
+              "old_unmarked", "old_removed")
 _on_save_step: Callable[[str], None] | None = None
 
 
 def _save_step(step: str) -> None:
     if _on_save_step is not None:
         _on_save_step(step)
-NAME_RE = re.compile(r"^epoch(\d+)(?:-iter(\d+))?$")
-
-# indirection so a test can interrupt a save at a chosen point (see tests/test_trainer.py)
-dcp_save = dcp.save
 
 
 class CheckpointError(RuntimeError):
