@@ -43,7 +43,7 @@ from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
 from model.training import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
-                                only_model_keys, read_hf_weights, resolve_hf_dir, zero_image_head)
+                                only_model_keys, read_hf_weights, read_vq_weights, resolve_hf_dir, zero_image_head)
 from model.training.flags import dataclass_parser, flag
 from model.training.distributed import (LaunchError, all_reduce_sum, cleanup_distributed, detect_launch_env,
                                init_distributed, init_model_parallel)
@@ -488,13 +488,13 @@ def _decide_resume(a: TrainArgs, out: Path, rank: int) -> Path | None:
     resume: object = None
     if rank == 0:
         try:
+            ckpt.remove_stale_tmp(out)  # first: it puts back a checkpoint that a crash left mid-rename
             if a.resume_path:
                 resume = Path(a.resume_path)
             elif a.auto_resume:  # a damaged newest checkpoint is skipped for the one before, with a warning
                 resume = ckpt.latest_usable_checkpoint(out)
             if resume is not None:
                 ckpt.verify_checkpoint(resume)  # damage or code: a clear error now, not inside DCP later
-            ckpt.remove_stale_tmp(out)
         except ckpt.CheckpointError as e:
             resume = e
     resume = _broadcast(resume, rank)
@@ -596,7 +596,7 @@ def _hf_export(a: TrainArgs, m: _Model, rank: int):
         if rank == 0:
             full = merged_hf_state(full, m.lm, path / "adapter", base=m.model_dir)  # LoRA: adapter + merged
         if rank == 0 and a.export_layout in ("hf", "both"):
-            vq = _read_vq(m.model_dir, m.config)
+            vq = _read_vq(m.model_dir)
             ckpt.save_hf(full, m.config, path, dtype=DTYPES[a.precision], vq_state_dict=vq)
         if rank == 0 and a.export_layout in ("lumina", "both"):
             save_lumina(full, m.config, path.parent / "lumina", dtype=DTYPES[a.precision], flags=vars(a))
@@ -738,13 +738,17 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
         metrics.close()
 
 
-def _read_vq(model_dir: str, config) -> dict | None:
+def _read_vq(model_dir: str) -> dict:
+    """The VQ model of --init_from for the epoch exports; {} (the export then holds none, as Lumina's
+    releases) when it has none or cannot be read."""
     try:
-        full = read_hf_weights(Path(model_dir), config, with_vq=True)
+        vq = read_vq_weights(Path(model_dir))
     except (ModelLoadError, OSError) as e:
-        logger.warning("cannot read the VQ model from %s (%s)", model_dir, e)
-        return None
-    return {k: v for k, v in full.items() if ".vqmodel." in k} or None
+        logger.warning("cannot read the VQ model of %s (%s): HF exports hold no VQ model", model_dir, e)
+        return {}
+    if not vq:
+        logger.info("%s holds no VQ model: HF exports hold none either (as Lumina's releases)", model_dir)
+    return vq
 
 
 def main(argv: list[str] | None = None) -> int:

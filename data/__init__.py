@@ -4,6 +4,7 @@
     item_processor.py    one conversation -> (tokens, labels), token for token as Lumina-mGPT
     image_preprocess.py  image loading, checks and Lumina's crops
     pretok_workers.py, pretok_writer.py   pre-tokenization's worker processes and exactly-once writer
+    pretok_errors.py     what pre-tokenization rejects (bad input) and what stops it (a bug, too many rejections)
     records.py, lumina_pickle.py          token shards, records and their index; Lumina's .pkl items
     files.py             durable writes (directory fsync, atomic replace); imports nothing of the project
     data_config.py, dataset.py, sampler.py, collate.py, packing.py, loader.py, eval_data.py

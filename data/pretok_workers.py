@@ -5,8 +5,10 @@
 small chunks, a bounded number ahead of the consumer, so memory stays flat and the work overlaps the
 VQGAN encode in the main process. Every failure is a per-item result, never an exception:
 
-- an item the processor rejects (``ItemError``, an unreadable image) -> its message;
-- any other exception raised while preparing an item -> ``"{type}: {message}"`` (reason ``unexpected``);
+- an item the processor rejects (bad input: ``ItemError``, ``ImageLoadError``, ``VideoLoadError``) -> its
+  message and reason;
+- any other exception raised while preparing an item -> ``bug``, its traceback: not bad data, so the caller
+  stops the run on it (data/pretok_errors.py);
 - a worker process that dies (a segfault in an image decoder, the OOM killer): the pool is rebuilt and
   the items that were in flight are re-run one at a time, so exactly the item that kills a worker is
   rejected (reason ``crash``) and all others come back as usual.
@@ -21,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import traceback
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,8 +32,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from data.image_preprocess import ImageLoadError
 from data.inputs.item import InputItem
+from data.pretok_errors import classify, is_bad_input
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +45,14 @@ CRASH_MESSAGE = ("the worker process died while preparing this item (a crash in 
 
 @dataclass
 class Prepared:
-    """The result for one input item: ``prepared`` (the processor's PreparedItem) or ``error``."""
+    """The result for one input item: ``prepared`` (the processor's PreparedItem), ``error`` (a rejection,
+    with its ``reason``) or ``bug``."""
 
     item: InputItem
     prepared: Any = None
     error: str | None = None
     reason: str | None = None
-
-
-def classify(exc: BaseException) -> str:
-    """Short reason for the summary: video, image, conversation (roles, markers, shape), unexpected."""
-    from data.item_processor import ItemError
-    from data.inputs.video import VideoLoadError
-
-    chain, e = [], exc
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    if any(isinstance(c, VideoLoadError) for c in chain):
-        return "video"
-    if any(isinstance(c, ImageLoadError) for c in chain):
-        return "image"
-    if isinstance(exc, ItemError):
-        return "conversation"
-    return "unexpected"
+    bug: str | None = None  # the traceback of an exception that is not bad input: the run must stop on it
 
 
 def prepare_one(processor, it: InputItem, base_dir: Path | None) -> Prepared:
@@ -73,12 +60,10 @@ def prepare_one(processor, it: InputItem, base_dir: Path | None) -> Prepared:
         return Prepared(it, error=it.error, reason="input")
     try:
         return Prepared(it, prepared=processor.prepare(it.item, base_dir))
-    except Exception as e:  # a bad item must never stop the run; it is reported with its reason
-        from data.item_processor import ItemError
-
-        reason = classify(e)
-        msg = str(e) if isinstance(e, (ItemError, ImageLoadError)) else f"{type(e).__name__}: {e}"
-        return Prepared(it, error=f"{it.where}: {msg}", reason=reason)
+    except Exception as e:
+        if not is_bad_input(e):  # a bug, not bad data: the run stops on it (see data/pretok_errors.py)
+            return Prepared(it, bug=traceback.format_exc())
+        return Prepared(it, error=f"{it.where}: {e}", reason=classify(e))
 
 
 # Worker-process state, set by the pool initializer.
@@ -109,7 +94,7 @@ def _prepare_chunk(chunk: list[InputItem]) -> list[tuple]:
     out = []
     for it in chunk:
         p = prepare_one(_processor, it, _base_dir)
-        out.append((p.prepared, p.error, p.reason))
+        out.append((p.prepared, p.error, p.reason, p.bug))
     return out
 
 

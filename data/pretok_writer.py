@@ -8,6 +8,7 @@ Files of rank r of S in ``out_dir`` (formats of the first three in :mod:`data.re
     {r}-of-{S}-run.json       what this rank is made from (input size, id range, target size, bundle
                               fingerprint); written before any item, checked on every re-run
     {r}-of-{S}-done.json      written last, atomically: the rank is complete (counts inside)
+    {r}-of-{S}-discard.json   only while a run's output is being discarded (``RankWriter.discard_this_run``)
 
 Why a kill -9 at any moment loses and doubles nothing: items are appended to the shard, the shard is
 fsynced, and only then are the record lines that point into it written (then flushed and fsynced,
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.files import write_json_atomic
+from data.files import fsync_dir, write_json_atomic
 from data.records import (Record, RecordFormatError, ShardWriter, errors_name, record_name, shard_end_bytes,
                           shard_name)
 
@@ -60,6 +61,34 @@ def run_name(rank: int, splits: int) -> str:
 
 def done_name(rank: int, splits: int) -> str:
     return f"{rank}-of-{splits}-done.json"
+
+
+def discard_name(rank: int, splits: int) -> str:
+    return f"{rank}-of-{splits}-discard.json"
+
+
+def _finish_discard(out_dir: Path, rank: int, splits: int) -> None:
+    """Completes a ``RankWriter.discard_this_run`` that its marker records (idempotent: a crash anywhere in
+    it, and the next open finishes it)."""
+    marker = out_dir / discard_name(rank, splits)
+    if not marker.exists():
+        return
+    try:
+        sizes = json.loads(marker.read_text(encoding="utf-8"))
+        cuts = [(out_dir / record_name(rank, splits), int(sizes["records_bytes"])),
+                (out_dir / errors_name(rank, splits), int(sizes["errors_bytes"]))]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise OutputConflictError(f"{marker}: damaged ({e}); delete this rank's files and re-run") from e
+    for path, size in cuts:
+        try:
+            if path.exists() and path.stat().st_size > size:
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_failed(path, e) from e
+    marker.unlink()
+    fsync_dir(out_dir)
 
 
 class OutputConflictError(RuntimeError):
@@ -234,6 +263,7 @@ class RankWriter:
             if (out_dir / done_name(rank, splits)).exists():
                 w.finished = True
                 return w
+            _finish_discard(out_dir, rank, splits)  # a discard that a crash interrupted
             w.state = scan_outputs(out_dir, rank, splits, ids)
             try:
                 w._shard = ShardWriter(shard_path, truncate_to=w.state.shard_bytes)
@@ -322,6 +352,31 @@ class RankWriter:
                 except OSError as e:
                     raise _write_failed(Path(f.name), e) from e
                 lines.clear()
+
+    def discard_this_run(self) -> int:
+        """Cuts the record and error files back to where they were at ``open``: nothing this run did is kept
+        (after too many rejections: a wrong setting, whose rejections must not stay once it is fixed). The
+        re-run then redoes exactly this run's items. The cut is made crash-safe by a marker that ``open``
+        finishes: ``{r}-of-{S}-discard.json`` holds the lengths, and is removed once both files are cut (a
+        partial cut, records without the errors between them, would not resume in order). Returns how many
+        items were discarded."""
+        n = self.uncommitted
+        self._rec_lines.clear()
+        self._err_lines.clear()
+        for f in (self._rec_f, self._err_f):
+            f.flush()
+        sizes = {"records_bytes": self.state.records_bytes, "errors_bytes": self.state.errors_bytes}
+        for key, f in (("records_bytes", self._rec_f), ("errors_bytes", self._err_f)):
+            with open(f.name, "rb") as r:
+                r.seek(sizes[key])
+                n += r.read().count(b"\n")
+        marker = self.out_dir / discard_name(self.rank, self.splits)
+        try:
+            write_json_atomic(marker, sizes)
+        except OSError as e:
+            raise _write_failed(marker, e) from e
+        _finish_discard(self.out_dir, self.rank, self.splits)
+        return n
 
     def finish(self) -> dict:
         """Commits, checks that every id of the range is accounted for, writes the done marker."""

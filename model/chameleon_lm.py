@@ -436,6 +436,12 @@ def read_hf_weights(hf_dir: Path, config: ChameleonConfig, *, with_vq: bool = Fa
         raise ModelLoadError(f"{hf_dir}: {e}") from e
 
 
+def read_vq_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Only the VQ model's tensors (``model.vqmodel.*``) of an HF dir, as stored; {} when it has none (Lumina's
+    7B releases keep none). ModelLoadError or OSError when the dir cannot be read."""
+    return _read_tensors(Path(hf_dir), lambda k: ".vqmodel." in k)
+
+
 def read_qk_norms(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Only the attention q/k norm tensors of an HF dir, as stored (for deciding their grouping)."""
     return _read_tensors(Path(hf_dir), lambda k: NORM_KEY_RE.match(k) is not None)

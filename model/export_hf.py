@@ -7,7 +7,10 @@
 One process, no GPU: the shards of every rank are read into one full model (torch.distributed.checkpoint
 reshards on load), so it needs CPU memory for the whole model in fp32 (about 28 GB for 7B). The result
 loads with ``ChameleonForConditionalGeneration.from_pretrained(out)``. The VQ model, which training does
-not keep, is copied from ``--vq_from`` (default: the run's ``--init_from`` recorded in the checkpoint).
+not keep, is copied from ``--vq_from`` (default: the run's ``--init_from`` recorded in the checkpoint); when
+that has none (Lumina's 7B releases) or cannot be read, the export holds none either, as Lumina's releases
+(transformers initialises it at load and says so; the tokenizer bundle's VQGAN encodes and decodes images).
+It never holds a VQ model nobody trained or loaded. A ``--vq_from`` that cannot be read is an error.
 Epoch checkpoints already hold this export in ``epoch{E}/hf/`` unless the run had ``--no_export_hf``.
 ``--layout lumina`` writes Lumina-mGPT's layout instead (its ChameleonXLLMXForConditionalGeneration
 opens it; q/k norms [model_parallel_size, head_dim], sharded safetensors with an index, no VQ model):
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_hf_weights
+from model.chameleon_lm import ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, read_vq_weights
 from model.training.checkpointing import CheckpointError, load_dcp_state, read_train_state, save_hf
 from model.lumina_layout import LuminaLayoutError, save_lumina
 from model.training.lora import LoraError, apply_lora, merged_hf_state
@@ -75,13 +78,21 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
     sd = merged_hf_state(sd, lm, Path(out) / "adapter", base=base or args.get("init_from"))  # LoRA: adapter + merged
     if layout == "lumina":
         return save_lumina(sd, lm.config, out, dtype=DTYPES[dtype], flags=args)  # Lumina's releases hold no VQ model
-    vq = None
     src = vq_from or args.get("init_from") or (Path(args.get("output_dir", ".")) / "starting_point")
     try:
-        full = read_hf_weights(Path(src), lm.config, with_vq=True)
-        vq = {k: v for k, v in full.items() if ".vqmodel." in k} or None
+        vq = read_vq_weights(Path(src))
     except (ModelLoadError, OSError) as e:
-        logger.warning("no VQ-model weights from %s (%s)", src, e)
+        if vq_from is not None:  # asked for by name: not having it is an error, not a quiet omission
+            raise ModelLoadError(f"--vq_from {vq_from}: cannot read its VQ model ({e})") from e
+        logger.warning("cannot read the VQ model of %s (%s): the export holds no VQ model (as Lumina's releases); "
+                       "pass --vq_from DIR to copy one", src, e)
+        vq = {}
+    else:
+        if not vq and vq_from is not None:
+            raise ModelLoadError(f"--vq_from {vq_from}: holds no VQ model (no model.vqmodel.* tensors)")
+        if not vq:
+            logger.info("%s holds no VQ model (a Lumina release?): the export holds none either; pass --vq_from "
+                        "DIR to copy one", src)
     return save_hf(sd, lm.config, out, dtype=DTYPES[dtype], vq_state_dict=vq)
 
 
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the written weights (default: the run's --precision; fp32 for fp32/tf32)")
     p.add_argument("--vq_from", type=Path, default=None,
-                   help="HF dir to take the VQ model from (default: the run's --init_from)")
+                   help="HF dir to copy the VQ model (model.vqmodel.*) from; an error if it has none (default: the "
+                        "run's --init_from; when that has none, the export holds no VQ model, as Lumina's releases)")
     p.add_argument("--layout", choices=["hf", "lumina"], default="hf",
                    help="hf: transformers' layout (default); lumina: Lumina-mGPT's (its own tools open it)")
     p.add_argument("--base", type=Path, default=None,

@@ -32,7 +32,10 @@ item's tokens and labels and appends them in id order. Killed at any moment (eve
 command continues where it stopped and the files come out byte-identical to an uninterrupted run (see
 data/pretok_writer.py); a finished rank is not redone. The output does not depend on --batch_size or
 --num_workers, and is the same per id for any --splits. A bad item never stops the run: it goes to
-the errors file. A bad input file stops it at once.
+the errors file. A bad input file stops it at once (exit 2). An exception that is not bad input (a bug)
+stops it with the item and the traceback (exit 1), nothing marked done; after the fix the same command
+continues at that item. Too many rejections (--max_error_rate, --max_consecutive_errors) stop it with the
+most common reasons (exit 3); see data/pretok_errors.py.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections import Counter, deque
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -52,7 +56,9 @@ from tqdm import tqdm
 from data.image_preprocess import FITS
 from data.inputs.dispatch import FORMATS, open_input
 from data.inputs.item import InputFileError, rank_range
-from data.pretok_workers import Prepared, classify, prepare_stream
+from data.pretok_errors import (MIN_ITEMS_FOR_RATE, FailureTolerance, PreTokenizeBug, TooManyErrors, classify,
+                                is_bad_input)
+from data.pretok_workers import Prepared, prepare_stream
 from data.pretok_writer import (RUN_OPTIONAL_KEYS, OutputConflictError, OutputWriteError, RankWriter,
                                 bundle_fingerprint)
 
@@ -128,6 +134,12 @@ class PretokArgs:
         "to the kernel: on CPU the VQGAN's large activations otherwise cost a page fault per 4 KB on every "
         "op, about a sixth of the encode time; the process then keeps its peak memory. Default: on for a "
         "CPU device", None, pair="no_reuse_freed_memory")
+    max_error_rate: float = _arg(f"stop (exit 3) when more than this share of the run's items is rejected, judged "
+                                 f"once {MIN_ITEMS_FOR_RATE} items are done: so many rejections mean a wrong "
+                                 f"setting (--image_root, the input format), not bad data. 1: never "
+                                 f"(default: %(default)s)", 0.5)
+    max_consecutive_errors: int = _arg("stop (exit 3) when more than this many items in a row are rejected. 0: never "
+                                       "(default: %(default)s)", 100)
     commit_items: int = _arg("make the output durable (fsync) at least every this many items (default: %(default)s)", 256)
     commit_seconds: float = _arg("... and at least every this many seconds (default: %(default)s)", 5.0)
     progress: bool = _arg("show a tqdm progress bar on stderr", True, pair="no_progress")
@@ -178,7 +190,10 @@ class PretokArgs:
                   (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
                   (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
                   (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
-                  (args.commit_items >= 1, f"--commit_items must be >= 1, got {args.commit_items}")]
+                  (args.commit_items >= 1, f"--commit_items must be >= 1, got {args.commit_items}"),
+                  (0 <= args.max_error_rate <= 1, f"--max_error_rate must be in [0, 1], got {args.max_error_rate}"),
+                  (args.max_consecutive_errors >= 0,
+                   f"--max_consecutive_errors must be >= 0, got {args.max_consecutive_errors}")]
         for ok, msg in checks:
             if not ok:
                 p.error(msg)
@@ -284,13 +299,17 @@ class ImageBatcher:
         return out
 
 
-def write_entry(writer: RankWriter, processor, e: _Entry, counts: Counter) -> None:
+def write_entry(writer: RankWriter, processor, e: _Entry, counts: Counter, tolerance: FailureTolerance) -> None:
+    """Appends an item (or its rejection); PreTokenizeBug for an exception that is not bad input,
+    TooManyErrors beyond the failure tolerance."""
     p = e.p
     if p.error is None:
         try:
             tokens, labels = processor.assemble(p.prepared, e.codes)
-        except Exception as exc:  # a bad item never stops the run; reported like a prepare error
-            p.error, p.reason = f"{p.item.where}: {type(exc).__name__}: {exc}", classify(exc)
+        except Exception as exc:
+            if not is_bad_input(exc):
+                raise PreTokenizeBug(p.item.where, p.item.id, "assembling", traceback.format_exc()) from exc
+            p.error, p.reason = f"{p.item.where}: {exc}", classify(exc)
         else:
             frames = p.prepared.video_frames
             writer.add(p.item.id, tokens, labels, {"frames": frames} if frames else None)
@@ -298,9 +317,11 @@ def write_entry(writer: RankWriter, processor, e: _Entry, counts: Counter) -> No
             counts["tokens"] += len(tokens)
             counts["videos"] += len(frames)
             counts["frames"] += sum(frames)
+            tolerance.add(p.item.where, None, None)
             return
     writer.add_error(p.item.id, p.error, p.reason)
     counts[f"error:{p.reason}"] += 1
+    tolerance.add(p.item.where, p.error, p.reason)
 
 
 def run(args: PretokArgs) -> dict:
@@ -356,13 +377,20 @@ def run(args: PretokArgs) -> dict:
                         args.num_workers)
 
             counts: Counter = Counter()
+            tolerance = FailureTolerance(args.max_error_rate, args.max_consecutive_errors, hint=(
+                f"--image_root (relative image and video paths now resolve against {base_dir}) and the input "
+                f"format (--in_format {args.in_format}: read as {source.format})"))
             bar = tqdm(total=todo, unit="item", dynamic_ncols=True, disable=not args.progress, desc=tag)
             t_first, last_commit = None, time.perf_counter()
             for p in stream:
                 t_first = t_first or time.perf_counter()
+                if p.bug is not None:  # everything before the item is written; then the run stops
+                    for e in batcher.ready(flush=True):
+                        write_entry(writer, processor, e, counts, tolerance)
+                    raise PreTokenizeBug(p.item.where, p.item.id, "preparing", p.bug)
                 batcher.push(p)
                 for e in batcher.ready():
-                    write_entry(writer, processor, e, counts)
+                    write_entry(writer, processor, e, counts, tolerance)
                     bar.update(1)
                 now = time.perf_counter()
                 if writer.uncommitted >= args.commit_items or now - last_commit >= args.commit_seconds:
@@ -371,9 +399,17 @@ def run(args: PretokArgs) -> dict:
                     bar.set_postfix(images=batcher.images_done, errors=sum(v for k, v in counts.items()
                                                                          if k.startswith("error:")))
             for e in batcher.ready(flush=True):
-                write_entry(writer, processor, e, counts)
+                write_entry(writer, processor, e, counts, tolerance)
                 bar.update(1)
             summary = writer.finish()
+        except PreTokenizeBug:
+            writer.commit()  # the items before the bug are good: keep them (nothing is marked done)
+            raise
+        except TooManyErrors:
+            n = writer.discard_this_run()  # a wrong setting: the fixed re-run redoes these items
+            logger.info("%s: the %d items of this run were discarded (%d rejected)", tag, n,
+                        sum(v for k, v in counts.items() if k.startswith("error:")))
+            raise
         finally:
             stream.close()
             if bar is not None:
@@ -409,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputFileError, OutputConflictError, OutputWriteError, BundleError) as e:
         logger.error("%s", e)
         return 2
+    except TooManyErrors as e:
+        logger.error("%s", e)
+        return 3
+    except PreTokenizeBug as e:
+        logger.error("%s", e)
+        return 1
     return 0
 
 

@@ -13,7 +13,8 @@ from data.pretok_workers import CRASH_MESSAGE, prepare_stream
 
 
 class StubProcessor:
-    """prepare(): 'crash' kills the worker process (SIGKILL, as the OOM killer does), 'bad' raises ItemError, 'bug' a KeyError."""
+    """prepare(): 'crash' kills the worker process (SIGKILL, as the OOM killer does), 'bad' raises ItemError, 'bug' a
+    KeyError (not bad input)."""
 
     def prepare(self, item, base_dir):
         what = item["what"]
@@ -44,13 +45,15 @@ def test_a_worker_crash_rejects_only_its_item_and_the_run_goes_on_in_order(num_w
             assert p.reason == "crash" and p.error == f"{p.item.where}: {CRASH_MESSAGE}"
         elif w == "bad":
             assert p.reason == "conversation" and "placeholder" in p.error and p.error.startswith("in.jsonl line 10: ")
-        else:
-            assert p.reason == "unexpected" and p.error == "in.jsonl line 11: KeyError: 'surprise'"
+        else:  # not bad input: a bug, handed on with its traceback for the run to stop on, never a rejection
+            assert p.error is None and p.reason is None and p.prepared is None
+            assert p.bug.startswith("Traceback (most recent call last)") and p.bug.endswith("KeyError: 'surprise'\n")
+            assert 'raise KeyError("surprise")' in p.bug
 
 
 def test_results_do_not_depend_on_the_number_of_workers():
     whats = [w for w in WHATS if w != "crash"]  # in-process (0 workers) a crash would kill the test
-    runs = [[(p.item.id, p.prepared, p.error, p.reason) for p in
+    runs = [[(p.item.id, p.prepared, p.error, p.reason, p.bug and p.bug.splitlines()[-1]) for p in
              prepare_stream(StubProcessor(), items(whats), None, n)] for n in (0, 1, 3)]
     assert runs[0] == runs[1] == runs[2]
 

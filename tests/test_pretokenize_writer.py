@@ -221,3 +221,48 @@ def test_kill9_of_writer_process_at_several_points_resumes_identically(reference
         assert not (out / done_name(1, 3)).exists()
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "0"], check=True, timeout=60)
     assert snapshot(out) == reference
+
+
+@pytest.mark.parametrize("cut", ["none", "records", "both"])
+def test_a_discarded_run_is_cut_back_whatever_the_crash_point_and_resumes_identically(tmp_path, cut):
+    """discard_this_run (after too many rejections): its marker is written first, then the files are cut; a
+    crash before either cut, between them, or before the marker is removed is finished by the next open."""
+    from data.pretok_writer import discard_name
+
+    ref = tmp_path / "ref"
+    write(ref, IDS)
+    out = tmp_path / "out"
+    write(out, IDS, stop_after=8)  # an earlier run did 8 items
+    w = RankWriter.open(out, 1, 3, IDS, INFO)  # this run does 9 more, then is discarded
+    for i in range(w.state.next_id, w.state.next_id + 9):
+        r = item(i)
+        w.add_error(i, f"item {i}: bad", "conversation") if r is None else w.add(i, *r)
+    w.commit()
+    sizes = {"records_bytes": w.state.records_bytes, "errors_bytes": w.state.errors_bytes}
+    w.close()
+    (out / discard_name(1, 3)).write_text(json.dumps(sizes))  # the marker is on disk: the crash comes after it
+    for name, key in ((record_name(1, 3), "records_bytes"), (errors_name(1, 3), "errors_bytes")):
+        if cut == "both" or (cut == "records" and key == "records_bytes"):
+            with open(out / name, "r+b") as f:
+                f.truncate(sizes[key])
+    state = RankWriter.open(out, 1, 3, IDS, INFO)
+    assert state.state.next_id == IDS.start + 8 and not state.state.skip  # back where this run started
+    state.close()
+    assert not (out / discard_name(1, 3)).exists()
+    write(out, IDS)
+    assert {n: (out / n).read_bytes() for n in FILES} == {n: (ref / n).read_bytes() for n in FILES}
+
+
+def test_discard_this_run_keeps_exactly_what_was_there_at_open(tmp_path):
+    out = tmp_path / "out"
+    write(out, IDS, stop_after=5)
+    before = {n: (out / n).read_bytes() for n in (record_name(1, 3), errors_name(1, 3))}
+    w = RankWriter.open(out, 1, 3, IDS, INFO)
+    for i in range(w.state.next_id, w.state.next_id + 7):
+        r = item(i)
+        w.add_error(i, f"item {i}: bad", "conversation") if r is None else w.add(i, *r)
+        if i % 2:
+            w.commit()
+    assert w.discard_this_run() == 7
+    w.close()
+    assert {n: (out / n).read_bytes() for n in before} == before

@@ -25,18 +25,22 @@ Atomicity: everything is written into ``{output_dir}/.tmp-{name}/``; after all r
 rank 0 writes ``COMPLETE``, fsyncs, and renames the directory to its final name. Resume only considers
 directories named ``epoch{E}[-iter{I}]`` that contain ``COMPLETE``, so a crash (or SIGKILL) at any moment of a
 save leaves the previous checkpoint as the newest usable one; the stale ``.tmp-*`` is removed by the next
-run. ``--ckpt_max_keep N`` keeps the N newest complete checkpoints (<= 0: all). The output directory must
-be on a file system all ranks share.
+run. Saving a name that exists (a run restarted from an older checkpoint) moves the old copy to
+``.tmp-old-{name}`` before the new one is renamed in; a crash between the two renames is repaired by the next
+run (``recover_interrupted_saves``: the complete new copy, else the old one, gets the name back), so the only
+complete copy of a name survives a crash at any point of the save. ``--ckpt_max_keep N`` keeps the N newest
+complete checkpoints (<= 0: all). The output directory must be on a file system all ranks share.
 
 Damage after the save (a truncated copy, a lost shard file): ``latest_usable_checkpoint`` checks the newest
 complete checkpoint (``verify_checkpoint``: every DCP file as long as its ``.metadata`` says, the RNG files
 readable) and falls back, with a warning, to the previous one when it is damaged.
 
 No code from a checkpoint is ever run. DCP itself unpickles ``.metadata`` with plain ``pickle.load`` and
-non-tensor entries with ``torch.load(weights_only=False)``; ``load_dcp_state`` reads ``.metadata`` through
-an unpickler that admits only DCP's metadata classes, and the non-tensor entries with ``weights_only=True``
-first. A checkpoint that needs anything else is refused with ``UnsafeCheckpointError`` (never skipped
-silently: someone put it there).
+non-tensor entries with ``torch.load(weights_only=False)``; ``load_dcp_state`` gives DCP a reader that reads
+``.metadata`` once and unpickles those bytes with an unpickler that admits only DCP's metadata classes (the
+bytes checked are the bytes loaded), and checks the non-tensor entries with ``weights_only=True`` first. A
+checkpoint that needs anything else is refused with ``UnsafeCheckpointError`` (never skipped silently:
+someone put it there).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -72,10 +78,21 @@ FORMAT = "lumina-stack-train-ckpt"
 VERSION = 1
 MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = f"{TMP_PREFIX}old-"  # the previous copy of a name being saved again, until the new one is in
 NAME_RE = re.compile(r"^epoch(\d+)(?:-iter(\d+))?$")
 
 # indirection so a test can interrupt a save at a chosen point (see tests/test_trainer.py)
 dcp_save = dcp.save
+# The points of a save, in order (from "marker_written" on: rank 0's renames); tests/test_checkpointing.py
+# sets ``_on_save_step`` to kill a save at each of them.
+SAVE_STEPS = ("tmp_created", "shards_written", "marker_written", "old_moved_aside", "new_moved_in", "dir_synced",
+              "old_unmarked", "old_removed")
+_on_save_step: Callable[[str], None] | None = None
+
+
+def _save_step(step: str) -> None:
+    if _on_save_step is not None:
+        _on_save_step(step)
 
 
 class CheckpointError(RuntimeError):
@@ -129,12 +146,44 @@ def prune_checkpoints(output_dir: str | Path, max_keep: int) -> list[Path]:
     return doomed
 
 
-def remove_stale_tmp(output_dir: str | Path) -> None:
+def recover_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Finishes or undoes a re-save of an existing name that a crash cut between its two renames (see
+    ``save_checkpoint``): while ``{name}`` is absent (or incomplete), the complete copy among
+    ``.tmp-{name}`` (the new one: the save is completed) and ``.tmp-old-{name}`` (the previous one) is
+    renamed to ``{name}``, so ``remove_stale_tmp`` never deletes the only complete copy. Returns the
+    checkpoints it put back. Rank 0 only, before anything else looks at the directory."""
     out = Path(output_dir)
+    restored = []
+    if not out.is_dir():
+        return restored
+    for old in sorted(out.glob(f"{OLD_PREFIX}*")):
+        name = old.name[len(OLD_PREFIX):]
+        final, new = out / name, out / f"{TMP_PREFIX}{name}"
+        if not NAME_RE.match(name) or is_complete(final):
+            continue  # the save got its new copy in place; the old one is removed with the other stale dirs
+        src = new if is_complete(new) else old if is_complete(old) else None
+        if src is None:
+            continue
+        if final.exists():  # incomplete, so never resumable (e.g. a delete cut short); it is in the way
+            shutil.rmtree(final)
+        os.rename(src, final)
+        fsync_dir(out)
+        logger.warning("checkpoint save of %s was interrupted between its renames; put back the %s copy from %s",
+                       final, "new" if src == new else "previous", src.name)
+        restored.append(final)
+    return restored
+
+
+def remove_stale_tmp(output_dir: str | Path) -> None:
+    """Deletes what interrupted saves left (``.tmp-*``), after ``recover_interrupted_saves`` has put back any
+    complete copy that is the only one of its name."""
+    out = Path(output_dir)
+    recover_interrupted_saves(out)
     if out.is_dir():
         for p in out.iterdir():
             if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 logger.warning("removing %s, left by an interrupted checkpoint save", p)
+                (p / MARKER).unlink(missing_ok=True)  # a delete cut short must not leave it looking complete
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -224,16 +273,47 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
                                     f"torch.distributed.checkpoint metadata file (loading it could run code)")
 
 
+def _unpickle_dcp_metadata(data: bytes, path: Path):
+    try:
+        return _DcpMetadataUnpickler(io.BytesIO(data), path).load()
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
+
+
 def read_dcp_metadata(ckpt: str | Path):
     """The DCP ``Metadata`` of a checkpoint, unpickled with only DCP's own metadata classes admitted."""
     path = Path(ckpt) / ".metadata"
     try:
-        with open(path, "rb") as f:
-            return _DcpMetadataUnpickler(f, path).load()
-    except UnsafeCheckpointError:
-        raise
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
+    return _unpickle_dcp_metadata(data, path)
+
+
+class _CheckedMetadataReader(FileSystemReader):
+    """DCP's file-system reader, except that ``.metadata`` is read once and those same bytes are unpickled
+    with the restricted unpickler (DCP's own reader runs plain ``pickle.load`` on the file: checking it
+    first and letting DCP read it again would load bytes nobody checked if the file changed in between)."""
+
+    refused: "UnsafeCheckpointError | None" = None
+
+    def read_metadata(self, *args, **kwargs):
+        get_path = getattr(self, "_get_metadata_path", None)  # torch >= 2.6 (per-rank metadata files)
+        path = get_path(kwargs.get("rank")) if get_path is not None else Path(self.path) / ".metadata"
+        with self.fs.create_stream(path, "rb") as f:
+            data = f.read()
+        try:
+            metadata = _unpickle_dcp_metadata(data, Path(path))
+        except UnsafeCheckpointError as e:
+            self.refused = e  # DCP turns reader errors into an AssertionError; load_dcp_state re-raises this
+            raise
+        if hasattr(self, "load_id"):  # what FileSystemReader.read_metadata adds (torch >= 2.4)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -254,11 +334,12 @@ def load_dcp_state(state: dict, ckpt: str | Path) -> None:
     """``dcp.load(state, checkpoint_id=ckpt)`` (in place; collective when a process group exists), refusing
     a checkpoint whose metadata or entries would run code."""
     ckpt = Path(ckpt)
-    read_dcp_metadata(ckpt)
+    read_dcp_metadata(ckpt)  # a clear error for a missing or damaged file before DCP starts
+    reader = _CheckedMetadataReader(str(ckpt))
     try:
-        dcp.load(state, checkpoint_id=str(ckpt), planner=_WeightsOnlyLoadPlanner())
+        dcp.load(state, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())
     except CheckpointException as e:  # DCP gathers every rank's failure into one (a BaseException)
-        errors = [exc for exc, _ in e.failures.values()]
+        errors = [exc for exc, _ in e.failures.values()] + ([reader.refused] if reader.refused else [])
         unsafe = [x for x in errors if isinstance(x, UnsafeCheckpointError)]
         first = unsafe[0] if unsafe else errors[0] if errors else e
         raise (UnsafeCheckpointError if unsafe else CheckpointError)(
@@ -341,6 +422,7 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
+        _save_step("tmp_created")
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
     if model_keys is not None:
@@ -352,6 +434,7 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
         os.fsync(f.fileno())
     if export is not None:
         export(tmp / "hf")
+    _save_step("shards_written")
     _barrier()
     if rank == 0:
         _write_json(tmp / "trainer_state.json", {"format": FORMAT, "version": VERSION, **train_state})
@@ -362,13 +445,23 @@ def save_checkpoint(output_dir: str | Path, name: str, *, model, optimizer, trai
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-        old = out / f"{TMP_PREFIX}old-{name}"
-        if final.exists():  # re-saving a name (a run restarted from an older checkpoint)
+        _save_step("marker_written")
+        # Re-saving a name (a run restarted from an older checkpoint): two renames, and a crash between them
+        # leaves no {name}, the previous copy in .tmp-old-{name} and the new one in .tmp-{name}, both complete;
+        # recover_interrupted_saves (run first by the next run) puts one of them back.
+        old = out / f"{OLD_PREFIX}{name}"
+        if final.exists():
             final.rename(old)
+            _save_step("old_moved_aside")
         os.rename(tmp, final)
+        _save_step("new_moved_in")
         fsync_dir(out)
+        _save_step("dir_synced")
         if old.exists():
+            (old / MARKER).unlink(missing_ok=True)  # a delete cut short must not leave it looking complete
+            _save_step("old_unmarked")
             shutil.rmtree(old, ignore_errors=True)
+            _save_step("old_removed")
         prune_checkpoints(out, max_keep)
         logger.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
     _barrier()
@@ -420,28 +513,31 @@ def save_hf(full_sd: dict[str, torch.Tensor], config, out_dir: str | Path, *, dt
             vq_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``ChameleonForConditionalGeneration.save_pretrained`` output (safetensors) from our weights.
 
-    The VQ model, which training drops, is put back from ``vq_state_dict`` (keys ``model.vqmodel.*``, e.g.
-    from the --init_from checkpoint); without it, it is randomly initialised and a warning says so. Grouped
-    q/k norms ([groups, head_dim], see model/qk_norm.py) are written per head, each group's row repeated.
+    The VQ model, which training drops, is copied from ``vq_state_dict`` (keys ``model.vqmodel.*``, read from
+    the --init_from checkpoint by ``read_vq_weights``). Without it the export holds no VQ model, as Lumina's
+    7B releases do: never weights nobody trained or loaded. transformers then initialises the VQ model at
+    load time (it warns about the missing ``model.vqmodel.*`` keys); token generation does not use it, and
+    images are encoded and decoded with the tokenizer bundle's VQGAN. Grouped q/k norms ([groups,
+    head_dim], see model/qk_norm.py) are written per head, each group's row repeated.
     """
     from transformers import ChameleonForConditionalGeneration
-    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding, ChameleonVQVAE
+    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
     out_dir = Path(out_dir)
     with torch.device("meta"):
         hf = ChameleonForConditionalGeneration(config)
     sd = {k: v.to(dtype) for k, v in regroup_state_dict(full_sd, config, None).items()}
     vq = {k: v.to(dtype) for k, v in (vq_state_dict or {}).items()}
-    if not vq:
-        logger.warning("HF export %s: no VQ-model weights available, writing a randomly initialised VQ model "
-                       "(it is not used for training or token generation)", out_dir)
-        hf.model.vqmodel = ChameleonVQVAE._from_config(config.vq_config).to(dtype)
-        sd.update({f"model.vqmodel.{k}": v for k, v in hf.model.vqmodel.state_dict().items()})
-    sd.update(vq)
+    if vq:
+        sd.update(vq)
+        what = "VQ model copied from the starting checkpoint"
+    else:
+        hf.model.vqmodel = None  # not in the state dict, so not written
+        what = "no VQ model (as Lumina's releases; the tokenizer bundle's VQGAN encodes and decodes images)"
     hf.load_state_dict(sd, strict=True, assign=True)
     hf.model.rotary_emb = ChameleonRotaryEmbedding(config)
     hf.config.dtype = dtype
     hf.eval()
     hf.save_pretrained(out_dir, safe_serialization=True, max_shard_size="10GB")
-    logger.info("exported HF-format model to %s (%s)", out_dir, dtype)
+    logger.info("exported HF-format model to %s (%s; %s)", out_dir, dtype, what)
     return out_dir

@@ -15,8 +15,10 @@ so a step may appear twice and the last line wins):
     tokens_per_sec  non-padding tokens per second, per rank (global tokens / time / world size)
     tflops          model TFLOP/s per rank: (6 * non-embedding params + 12 * layers * hidden * seq_len)
                     per padded token, forward + backward, not counting activation recomputation
-    memory          MB: peak CUDA memory allocated during the step, or on CPU the process's peak
-                    resident set size so far (VmHWM)
+    memory          MB: peak memory during the step: on CUDA the peak allocated by torch; on CPU the peak
+                    resident set size (VmHWM), reset at the start of each step through /proc/self/clear_refs.
+                    Where that reset is not possible (not Linux, or Linux < 4.0), the value is the process's
+                    peak since it started, and a warning at the first step says so
     tokens          labelled tokens in the global batch (the loss denominator)
     trainable_params  parameters that train (--trainable / --lora_rank; rows count for row-level presets)
     type            the data-config ``type`` of the step's global batch (a global batch holds one type)
@@ -82,6 +84,7 @@ def flops_per_token(n_params_no_embed: int, n_layers: int, hidden: int, seq_len:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB since the last ``reset_peak_memory(device)`` (see ``memory`` above)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:  # the process's peak resident set (VmHWM); ru_maxrss can be inherited from a parent over exec
@@ -94,9 +97,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def reset_peak_memory(device: torch.device) -> None:
+_cpu_peak_resettable: bool | None = None  # None: not tried yet
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Starts a new peak-memory window for ``peak_memory_mb``. On CPU, writing 5 to /proc/self/clear_refs
+    sets the kernel's VmHWM to the current RSS (Linux >= 4.0, see proc(5)). Returns False where the peak
+    cannot be reset: the value then stays the process-lifetime peak (warned once)."""
+    global _cpu_peak_resettable
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if _cpu_peak_resettable is False:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _cpu_peak_resettable = True
+    except OSError as e:
+        _cpu_peak_resettable = False
+        logger.warning("cannot reset the peak resident set per step (/proc/self/clear_refs: %s): the metric "
+                       "'memory' is the process's peak since it started, not the step's", e.strerror or e)
+    return _cpu_peak_resettable
 
 
 class MetricsWriter:
