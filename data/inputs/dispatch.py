@@ -9,8 +9,9 @@ Formats (``--in_format``; ``auto`` picks by path):
              sample type and field map of ``.nv-meta/dataset.yaml``: ``VQASample`` (``VQAWebdataset``)
              -> image, ``context`` as the human turn, ``answers`` (the first, if a list) as the assistant
              turn; ``CaptioningSample`` (``CaptioningWebdataset``) -> a human turn that is just the image,
-             ``caption`` as the assistant turn. Other sample types, and ``sample_loader`` code, are refused
-             (data/inputs/energon.py).
+             ``caption`` as the assistant turn; ``VidQASample`` (``VidQAWebdataset``) -> like VQA with a
+             video (a part such as ``mp4`` is a video in any sample type). Other sample types, and
+             ``sample_loader`` code, are refused (data/inputs/energon.py).
     parquet  one ``.parquet`` file, a glob of them, or a directory of them (the Hub layout
              ``data/train-00000-of-00002.parquet``; ``--hf_split`` picks the split's files; ``auto`` picks it
              for a ``.parquet`` path, a glob, or a directory with parquet files and no ``.tar`` shards)
