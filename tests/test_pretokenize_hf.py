@@ -127,7 +127,8 @@ def json_reference(hf, tiny_bundle, tmp_path_factory) -> Path:
 def test_what_datasets_writes_is_found_and_read_row_by_row(hf):
     assert open_input(hf["hub"]).format == "parquet"              # auto: a directory of parquet files
     assert open_input(hf["hub"] / "data" / "train-00001-of-00002.parquet").format == "parquet"
-    assert len(open_input(str(hf["hub"] / "data" / "train-*.parquet"))) == len(TRAIN)   # a glob
+    glob_src = open_input(str(hf["hub"] / "data" / "train-*.parquet"))                   # a glob
+    assert len(glob_src) == len(TRAIN) and glob_src.base_dir == hf["hub"] / "data"
     src = open_input(hf["dict"])                                  # auto: dataset_dict.json -> hf, split train
     assert isinstance(src, HfDiskSource) and len(src) == len(TRAIN) and len(src.files) == 2
     assert len(open_input(hf["one"])) == len(TRAIN)               # a Dataset.save_to_disk folder

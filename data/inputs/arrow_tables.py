@@ -243,7 +243,10 @@ class _TableSource:
 
     def __init__(self, path: Path, files: list[_File], cols: Columns):
         self.path, self.files, self.cols = path, files, cols
-        self.base_dir = path if path.is_dir() else path.parent
+        # relative media paths resolve here (a glob: its directory part before the first pattern)
+        root = next((Path(*path.parts[:k]) for k, part in enumerate(path.parts) if _GLOB_CHARS.search(part)), None)
+        self.base_dir = path if path.is_dir() else root if root is not None and not path.exists() else path.parent
+        self._names = [f.path.relative_to(path).as_posix() if path.is_dir() else f.path.name for f in files]
 
     def __len__(self) -> int:
         return sum(f.rows for f in self.files)
@@ -253,7 +256,7 @@ class _TableSource:
 
     def iter_items(self, ids: range) -> Iterator[InputItem]:
         first = 0
-        for f in self.files:
+        for f, name in zip(self.files, self._names):
             if first >= ids.stop:
                 return
             if first + f.rows > ids.start:
@@ -263,15 +266,14 @@ class _TableSource:
                         for row in batch.slice(lo, ROWS_PER_BATCH).to_pylist():
                             if i >= ids.stop:
                                 return
-                            yield self._item(i, f, i - first, row)
+                            yield self._item(i, name, i - first, row)
                             i += 1
                 if i < min(ids.stop, first + f.rows):
                     raise InputFileError(f"--in_filename {self.path}: {f.path.name} has {i - first} rows, "
                                          f"{f.rows} when opened: the file changed while being read")
             first += f.rows
 
-    def _item(self, i: int, f: _File, row_no: int, row: dict) -> InputItem:
-        name = f.path.relative_to(self.path).as_posix() if self.path.is_dir() else f.path.name
+    def _item(self, i: int, name: str, row_no: int, row: dict) -> InputItem:
         where = f"{name} row {row_no}"
         item, err = row_to_item(row, self.cols)
         return InputItem(i, where, item) if err is None else InputItem(i, where, error=f"{where}: {err}")
