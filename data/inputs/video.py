@@ -35,6 +35,7 @@ left). PyAV is imported on first use: it is the ``video`` extra
 from __future__ import annotations
 
 import bisect
+import gc
 import io
 import logging
 import math
@@ -140,8 +141,16 @@ def display_transforms(matrix) -> list:
 
 
 def _upright(av, frame) -> Image.Image:
-    """The frame as an RGB image, turned as its display matrix says (none: as decoded)."""
+    """The frame as an RGB image, turned as its display matrix says (none: as decoded).
+
+    ``frame.rotation`` reads the matrix in C; only a frame that is turned has its side data read in Python,
+    because PyAV's side-data container and the frame refer to each other: such a frame is freed by the
+    cyclic GC, not at once, and a process forked while it waits (a worker pool) hangs or crashes freeing
+    it (seen in the test suite). ``load_video_frames`` collects those cycles before returning. A matrix
+    that only mirrors vertically has rotation 0 and is not applied."""
     img = frame.to_image()
+    if not frame.rotation:
+        return img
     for sd in frame.side_data:
         if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX and sd.buffer_size >= 36:
             for t in display_transforms(np.frombuffer(bytes(sd), "<i4", 9)):
@@ -269,6 +278,7 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
             except av.FFmpegError as e:
                 raise VideoLoadError(f"{label}: cannot decode (truncated or damaged video: "
                                      f"{type(e).__name__}: {e})") from e
+    gc.collect(1)  # frames whose side data was read (see _upright) are young cyclic garbage: free them now
     missing = [chosen[k] for k, f in enumerate(frames) if f is None]
     if missing:
         raise VideoLoadError(f"{label}: {len(chosen) - len(missing)} of the {len(chosen)} chosen frames "
