@@ -330,3 +330,26 @@ def test_kill9_mid_run_then_rerun_gives_byte_identical_output(tmp_path, tiny_bun
                  "--target_size", "64", "--no_progress", "--num_workers", "2"]) == 0
     assert rank_files(out) == rank_files(ref)
     assert len(errors(ref)) == 27
+
+
+def test_a_video_column_of_bytes_or_paths_tokenizes_like_the_video_files(tmp_path, tiny_bundle):
+    pytest.importorskip("av")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from video_helper import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", n=8)
+    convs = [conv("<video> What changes?", "The red."), conv("And this one?", "Same.")]
+    # bytes in one row, a path (against the input's directory) in the other, in the {bytes, path} struct of
+    # the datasets Image / Video features
+    pq.write_table(pa.Table.from_pylist([
+        {"conversations": convs[0], "video": {"bytes": clip.read_bytes(), "path": None}},
+        {"conversations": convs[1], "video": {"bytes": None, "path": "clip.mp4"}}]), tmp_path / "v.parquet")
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"conversations": c, "video": "clip.mp4"}) + "\n"
+                                              for c in convs))
+    flags = ("--video_frames", "2", "--video_target_size", "64")
+    pretok(tmp_path / "v.parquet", tmp_path / "p", tiny_bundle, *flags)
+    pretok(tmp_path / "v.jsonl", tmp_path / "j", tiny_bundle, *flags)
+    got, want = rank_files(tmp_path / "p"), rank_files(tmp_path / "j")
+    assert json.loads(want["done.json"])["records"] == 2
+    assert got["tokens.bin"] == want["tokens.bin"] and got["record.jsonl"] == want["record.jsonl"]
