@@ -24,8 +24,7 @@ r"""Pre-tokenizes conversations with images into token shards: one rank of S, ex
 
 Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
 streamed, LLaVA JSON, a directory of webdataset tars, an energon-prepared dataset, Hugging Face parquet
-shards or a save_to_disk folder; see
-data/inputs/dispatch.py; videos: data/inputs/video.py) and writes, in
+shards or a save_to_disk folder; see data/inputs/dispatch.py; videos: data/inputs/video.py) and writes, in
 ``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
 item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
 ``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
@@ -82,9 +81,9 @@ class PretokArgs:
     """Flags of pre_tokenize.py (each field is one ``--flag``; ``None`` means "work it out")."""
 
     in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
-                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, or a "
+                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, a "
                              "Megatron-Energon prepared dataset (a directory with .nv-meta/), Hugging Face parquet "
-                             "shards (a .parquet file, a glob, or a directory such as a Hub repo's data/), or a "
+                             "shards (a .parquet file, a glob, or a directory such as a Hub repo's data/) or a "
                              "datasets save_to_disk folder. Items may have \"video\" (see --video_frames)")
     out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
     tokenizer_dir: Path | None = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
