@@ -141,8 +141,8 @@ def main() -> None:
                 ("hf", paths["disk"], "save_to_disk folder (Arrow stream)"),
                 ("read_table", paths["rg100"], "baseline: pq.read_table (rg100)")]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        print(f"| shard | size (MB) | items | peak RSS above start (MB) | anon / file-backed peak (MB) | "
-              f"peak / size | s |")
+        print("| shard | size (MB) | items | peak RSS above start (MB) | anon / file-backed peak (MB) | "
+              "peak / size | s |")
         print("|---|---|---|---|---|---|---|")
         for kind, path, label in runs:
             out = subprocess.run([sys.executable, __file__, "--child", kind, str(path)], env=env, check=True,

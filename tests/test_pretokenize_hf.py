@@ -125,7 +125,7 @@ def json_reference(hf, tiny_bundle, tmp_path_factory) -> Path:
 
 
 def test_what_datasets_writes_is_found_and_read_row_by_row(hf):
-    assert open_input(hf["hub"]).format == "parquet"              # auto: a directory of parquet files
+    assert isinstance(open_input(hf["hub"]), ParquetSource)       # auto: a directory of parquet files
     assert open_input(hf["hub"] / "data" / "train-00001-of-00002.parquet").format == "parquet"
     glob_src = open_input(str(hf["hub"] / "data" / "train-*.parquet"))                   # a glob
     assert len(glob_src) == len(TRAIN) and glob_src.base_dir == hf["hub"] / "data"
