@@ -19,6 +19,7 @@ Messages and reasons depend only on the item, so the output is the same for any 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -113,6 +114,9 @@ class _Pool:
         # They never touch torch/CUDA state, which is what makes forking a process with threads unsafe,
         # and end with os._exit, so file buffers inherited from the parent are never flushed twice.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        # No cyclic garbage crosses the fork: a child freeing an object that holds FFmpeg decoder state of
+        # the parent (a PyAV frame whose side data was read) can hang or crash. Once per pool, ~0.2 s.
+        gc.collect()
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self.args)
 
     def rebuild(self) -> None:

@@ -50,7 +50,7 @@ LOCK_WAIT_SECONDS = 10.0
 # Settings that change the output but are written only when not at their default (so output directories
 # made before they existed continue), and are copied into done.json.
 RUN_OPTIONAL_KEYS = ("image_fit", "video_frames", "video_fps", "video_max_frames", "video_target_size",
-                     "energon_split")
+                     "energon_split", "hf_split", "field_map")
 RUN_CHECKED_KEYS = ("version", "rank", "splits", "num_items", "start", "end", "in_format",
                     "target_size", "tokenizer_sha256") + RUN_OPTIONAL_KEYS
 

@@ -17,10 +17,14 @@ r"""Pre-tokenizes conversations with images into token shards: one rank of S, ex
     # a Megatron-Energon prepared dataset (LLaVA-JP), its train split, whole images padded instead of cropped:
     python pre_tokenize/pre_tokenize.py --in_filename /data/energon --energon_split train \
         --out_dir out_e --target_size 512 --image_fit pad
+    # Hugging Face data: Hub parquet shards (images embedded), or a save_to_disk folder's validation split:
+    python pre_tokenize/pre_tokenize.py --in_filename LLaVA-OneVision-Data/data --out_dir out_p --target_size 512
+    python pre_tokenize/pre_tokenize.py --in_filename my_set --hf_split validation --out_dir out_h \
+        --field_map conversations=dialog,image=jpg
 
 Rank r of S takes ids [r*ceil(N/S), (r+1)*ceil(N/S)) of the N input items (Lumina JSON list, JSONL
-streamed, LLaVA JSON, a directory of webdataset tars, or an energon-prepared dataset; see
-data/inputs/dispatch.py; videos: data/inputs/video.py) and writes, in
+streamed, LLaVA JSON, a directory of webdataset tars, an energon-prepared dataset, Hugging Face parquet
+shards or a save_to_disk folder; see data/inputs/dispatch.py; videos: data/inputs/video.py) and writes, in
 ``--out_dir``: ``{r}-of-{S}-tokens.bin`` (token shard), ``{r}-of-{S}-record.jsonl`` (one record per
 item, in id order), ``{r}-of-{S}-errors.jsonl`` (one line per rejected item with the reason),
 ``{r}-of-{S}-run.json`` and, when the rank is complete, ``{r}-of-{S}-done.json``.
@@ -83,9 +87,10 @@ class PretokArgs:
     """Flags of pre_tokenize.py (each field is one ``--flag``; ``None`` means "work it out")."""
 
     in_filename: Path = _arg("input: a Lumina JSON list (.json), JSONL with one item per line (.jsonl, "
-                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, or a "
-                             "Megatron-Energon prepared dataset (a directory with .nv-meta/). Items may have "
-                             "\"video\" (see --video_frames)")
+                             "streamed), a LLaVA JSON list, a directory of webdataset .tar shards, a "
+                             "Megatron-Energon prepared dataset (a directory with .nv-meta/), Hugging Face parquet "
+                             "shards (a .parquet file, a glob, or a directory such as a Hub repo's data/) or a "
+                             "datasets save_to_disk folder. Items may have \"video\" (see --video_frames)")
     out_dir: Path = _arg("output directory for the rank's shard, record, errors and marker files")
     tokenizer_dir: Path | None = _arg("tokenizer bundle: text_tokenizer.json, vqgan.yaml, vqgan.ckpt (Meta's "
                                       "Chameleon release, or `python model/make_tiny_bundle.py --out DIR`). "
@@ -99,7 +104,9 @@ class PretokArgs:
                             "(target_size/32)^2 patches, e.g. 512 -> 512x512, 384x672, ... (default: %(default)s)", 512)
     in_format: str = _arg(f"input format, one of {', '.join(FORMATS)}; auto: a directory with .nv-meta/ -> "
                           f"energon (prepared by `energon prepare`), another directory -> wds, .jsonl -> "
-                          f"jsonl, .json -> json (llava when its messages use <image> markers)", "auto",
+                          f"jsonl, .json -> json (llava when its messages use <image> markers); a directory with "
+                          f"state.json or dataset_dict.json -> hf (save_to_disk); .parquet, a glob, or a directory "
+                          f"of parquet files without .tar shards -> parquet", "auto",
                           choices=FORMATS)
     image_fit: str = _arg("how an image meets its chosen 32-px grid size: crop (Lumina's: cover it, cut the "
                           "centre) or pad (keep the whole image: fit inside, pad with LLaVA's mean colour, as "
@@ -115,6 +122,14 @@ class PretokArgs:
                                   "(default: %(default)s)", 256)
     energon_split: str = _arg("with --in_format energon: the split of .nv-meta/split.yaml to read "
                               "(default: %(default)s)", "train")
+    hf_split: str = _arg("with --in_format parquet or hf: the split to read: the DatasetDict's split of a "
+                         "save_to_disk folder, or, in a directory of parquet files, those named {split}-NNNNN-of-"
+                         "NNNNN.parquet or under a folder {split}/ (default: %(default)s)", "train")
+    field_map: str | None = _arg("with --in_format parquet or hf: FIELD=COLUMN pairs, comma-separated, for "
+                                 "tables whose columns have other names, e.g. conversations=dialog,image=jpg. "
+                                 "Fields: conversations (from/value messages), messages (role/content), image, "
+                                 "images, video, videos, and the message keys from, value, role, content "
+                                 "(default: the columns named so)", None)
     image_root: Path | None = _arg("directory that relative image and video paths are resolved against (default: "
                                    "the directory of --in_filename)", None)
     batch_size: int = _arg("most same-size images the VQGAN encodes in one call (default: %(default)s)", 8)
@@ -157,7 +172,7 @@ class PretokArgs:
                                help=f"the opposite of --{f.name}")
                 continue
             typ = {"Path": Path, "Path | None": Path, "int": int, "int | None": int, "float": float,
-                   "float | None": float, "str": str}[f.type]
+                   "float | None": float, "str": str, "str | None": str}[f.type]
             kw = {"required": True} if f.default is MISSING else {"default": f.default}
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
@@ -332,7 +347,7 @@ def run(args: PretokArgs) -> dict:
     from model.tokenizer.bundle import ChameleonTokenizer
     from model.tokenizer.vqgan_fast import reuse_freed_memory
 
-    source = open_input(args.in_filename, args.in_format, args.energon_split)
+    source = open_input(args.in_filename, args.in_format, args.energon_split, args.hf_split, args.field_map)
     if args.image_root is not None and not args.image_root.is_dir():
         raise InputFileError(f"--image_root {args.image_root}: not a directory")
     tokenizer = ChameleonTokenizer.from_bundle(args.tokenizer_dir, load_vqgan=False)  # checks the bundle

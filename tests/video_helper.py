@@ -18,14 +18,17 @@ def frame_image(i: int, w: int, h: int) -> np.ndarray:
 
 
 def make_video(path: Path, n: int = 20, w: int = 64, h: int = 48, fps: int = 10, codec: str = "mpeg4",
-               gop: int | None = None) -> Path:
+               gop: int | None = None, rotation: int = 0, hflip: bool = False) -> Path:
     """A clip of ``n`` frames (``frame_image(i)``) at ``fps`` encoded with ``codec`` (a keyframe every
-    ``gop`` frames if given); container by suffix."""
+    ``gop`` frames if given); container by suffix. ``rotation`` (degrees counter-clockwise) and ``hflip`` go
+    into the display matrix, as phones write it: the pixels stay as they are."""
     import av
 
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if rotation or hflip:
+            s.set_display_rotation(rotation, hflip=hflip)
         s.bit_rate = 4_000_000  # near-lossless, so frame_index reads the index back from lossy codecs
         if gop:
             s.codec_context.gop_size = gop

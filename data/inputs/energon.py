@@ -22,7 +22,9 @@ Order, so every sample has a stable id: shards in the order of the split's list 
 types: ``VQASample``/``VQAWebdataset`` -> human turn ``context`` (LLaVA ``<image>`` markers allowed; else
 the image goes first), assistant turn ``answers`` (the first answer when a list);
 ``CaptioningSample``/``CaptioningWebdataset`` -> human turn ``<|image|>`` alone, assistant turn
-``caption``. Anything else (other types, ``sample_loader`` code, crude samples) is refused at open.
+``caption``; ``VidQASample``/``VidQAWebdataset`` -> like VQA with ``video`` (its part's bytes decoded with
+PyAV like a video file; ``<video>`` markers allowed, else the video goes first). A field that names a video
+part (``mp4``, ``webm``, ``mkv``, ``mov``, ``avi``, ``m4v``) is a video in any sample type. Anything else (other types, ``sample_loader`` code, crude samples) is refused at open.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ ENERGON_META = ".nv-meta"  # what `energon prepare` adds to a directory of webda
 
 # sample type -> (kind, fields it needs in field_map); the older *Webdataset names are the same types.
 SAMPLE_TYPES = {"VQASample": "vqa", "VQAWebdataset": "vqa",
-                "CaptioningSample": "captioning", "CaptioningWebdataset": "captioning"}
-NEEDED_FIELDS = {"vqa": ("image", "context", "answers"), "captioning": ("image", "caption")}
+                "CaptioningSample": "captioning", "CaptioningWebdataset": "captioning",
+                "VidQASample": "vidqa", "VidQAWebdataset": "vidqa"}
+NEEDED_FIELDS = {"vqa": ("image", "context", "answers"), "captioning": ("image", "caption"),
+                 "vidqa": ("video", "context", "answers")}
+# parts decoded as video (from the member's bytes, with PyAV) whichever field names them
+VIDEO_PARTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 TEXT_PARTS = ("txt", "text", "transcript")
 JSON_PARTS = ("json", "jsn")
 INT_PARTS = ("cls", "cls2", "index", "inx", "id")
@@ -189,22 +195,24 @@ class EnergonSource:
         return data
 
     def _field(self, field: str, parts: dict[str, tarfile.TarInfo], tf: tarfile.TarFile, key: str):
-        """The value of ``field`` through its field_map entry, with energon's own field access."""
+        """(value, part) of ``field`` through its field_map entry, with energon's own field access; ``part``
+        is the first alternative present (the one energon's access takes)."""
         access = self.fields_access[field]
         decoded = {}
         for option in access:
             ext = option[0]
             if ext in parts and ext not in decoded:
                 decoded[ext] = self._decode(ext, tf.extractfile(parts[ext]).read(), key)
-        return self._fa.field_access(decoded, access)
+        used = next((option[0] for option in access if option[0] in decoded), None)
+        return self._fa.field_access(decoded, access), used
 
     def _item(self, i: int, name: str, key: str, parts: dict, tf: tarfile.TarFile) -> InputItem:
         where = f"{name} sample {key}"
-        values = {}
+        values, used = {}, {}
         for field in NEEDED_FIELDS[self.kind]:
             spec = self.fields[field]
             try:
-                values[field] = self._field(field, parts, tf, key)
+                values[field], used[field] = self._field(field, parts, tf, key)
             except self._fa.FieldAccessError as e:  # a missing part or key
                 return InputItem(i, where, error=f"{where}: field {field!r} ({spec}) not found in the sample "
                                                  f"(parts: {', '.join(sorted(parts))}): {e}")
@@ -215,11 +223,14 @@ class EnergonSource:
             except (KeyError, IndexError, TypeError) as e:  # access into a value of another shape
                 return InputItem(i, where, error=f"{where}: field {field!r} ({spec}) not found in the sample "
                                                  f"(parts: {', '.join(sorted(parts))}): {type(e).__name__}: {e}")
-        image = values["image"]
-        if not isinstance(image, (bytes, bytearray)):
-            return InputItem(i, where, error=f"{where}: field 'image' ({self.fields['image']}) is a "
-                                             f"{type(image).__name__}, not an image file")
-        if self.kind == "vqa":
+        media_field = "video" if self.kind == "vidqa" else "image"
+        media = values[media_field]
+        if not isinstance(media, (bytes, bytearray)):
+            return InputItem(i, where, error=f"{where}: field {media_field!r} ({self.fields[media_field]}) is a "
+                                             f"{type(media).__name__}, not an encoded {media_field} file")
+        # A video part is a video whichever field names it (a VQASample whose "image" is an mp4 clip).
+        media_kind = "video" if self.kind == "vidqa" or used[media_field] in VIDEO_PARTS else "image"
+        if self.kind in ("vqa", "vidqa"):
             question, answer = values["context"], values["answers"]
             if isinstance(answer, list):
                 answer = answer[0] if answer else None
@@ -231,7 +242,7 @@ class EnergonSource:
             if not isinstance(values["caption"], str):
                 return InputItem(i, where, error=f"{where}: caption must be text, got "
                                                  f"{type(values['caption']).__name__}")
-            turns = ["<|image|>", values["caption"]]
+            turns = ["<|image|>" if media_kind == "image" else "<|video|>", values["caption"]]
         item = {"conversations": [{"from": "human", "value": turns[0]}, {"from": "gpt", "value": turns[1]}],
-                "image": [bytes(image)]}
+                media_kind: [bytes(media)]}
         return InputItem(i, where, llava_to_lumina(item))

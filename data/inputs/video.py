@@ -14,7 +14,9 @@ video item pre-tokenizes to the same tokens for any ``--batch_size``, ``--num_wo
 - ``--video_fps F``: times ``k / F`` (k = 0, 1, ...) up to the last frame's time; when that is more than
   ``--video_max_frames``, that many times spread evenly from the first to the last frame's time instead.
   Each time takes the frame shown then (the last frame starting at or before it); a frame is taken once.
-- Then the chosen frames are decoded and converted to RGB (``rgb24``): forward from the start, except that
+- Then the chosen frames are decoded, converted to RGB (``rgb24``) and turned upright as the file's display
+  matrix says (phone videos store "rotate 90" there instead of rotating the pixels; FFmpeg's players
+  apply it, like EXIF orientation for images): forward from the start, except that
   in MP4/MOV and Matroska/WebM files, a chosen frame whose keyframe lies beyond what is decoded already
   is reached by seeking to that keyframe (same pixels, without decoding the frames in between; a seek
   that lands after its target falls back to decoding from the start). A chosen frame that does not
@@ -33,7 +35,10 @@ left). PyAV is imported on first use: it is the ``video`` extra
 from __future__ import annotations
 
 import bisect
+import gc
 import io
+import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -41,6 +46,8 @@ import numpy as np
 from PIL import Image
 
 from data.image_preprocess import check_source
+
+logger = logging.getLogger(__name__)
 
 # An hour and a half at 60 fps, or a day at any rate: beyond, the clip is certainly not a training sample
 # (and demuxing it would take minutes of the worker's time).
@@ -111,6 +118,46 @@ def _check_complete(label: str, times: list[float], declared_frames: int, declar
                                  f"{declared:.2f} s")
 
 
+def display_transforms(matrix) -> list:
+    """The PIL transposes (or an angle, clockwise degrees) that show a frame upright, from its display matrix
+    (9 int32, 16.16 fixed point, as FFmpeg's side data holds it), chosen exactly as FFmpeg's autorotate
+    (fftools: ``get_rotation`` then transpose / hflip / vflip / rotate)."""
+    a, b, c, d = (matrix[0] / 65536, matrix[1] / 65536, matrix[3] / 65536, matrix[4] / 65536)
+    s0, s1 = math.hypot(a, c), math.hypot(b, d)
+    if s0 == 0 or s1 == 0:
+        return []
+    theta = -round(-math.degrees(math.atan2(b / s1, a / s0)))  # av_display_rotation_get, then get_rotation
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    T = Image.Transpose
+    if abs(theta - 90) < 1:
+        return [T.TRANSPOSE if c > 0 else T.ROTATE_270]          # cclock_flip / clock
+    if abs(theta - 180) < 1:
+        return ([T.FLIP_LEFT_RIGHT] if a < 0 else []) + ([T.FLIP_TOP_BOTTOM] if d < 0 else [])
+    if abs(theta - 270) < 1:
+        return [T.TRANSVERSE if c < 0 else T.ROTATE_90]          # clock_flip / cclock
+    if abs(theta) > 1:
+        return [float(theta)]                                    # FFmpeg's rotate filter: same size, black
+    return [T.FLIP_TOP_BOTTOM] if d < 0 else []
+
+
+def _upright(av, frame) -> Image.Image:
+    """The frame as an RGB image, turned as its display matrix says (none: as decoded).
+
+    ``frame.rotation`` reads the matrix in C; only a frame that is turned has its side data read in Python,
+    because PyAV's side-data container and the frame refer to each other: such a frame is freed by the
+    cyclic GC, not at once, and a process forked while it waits (a worker pool) hangs or crashes freeing
+    it (seen in the test suite). ``load_video_frames`` collects those cycles before returning. A matrix
+    that only mirrors vertically has rotation 0 and is not applied."""
+    img = frame.to_image()
+    if not frame.rotation:
+        return img
+    for sd in frame.side_data:
+        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX and sd.buffer_size >= 36:
+            for t in display_transforms(np.frombuffer(bytes(sd), "<i4", 9)):
+                img = img.rotate(-t, resample=Image.Resampling.BILINEAR) if isinstance(t, float) else img.transpose(t)
+    return img
+
+
 def _decode_chosen(av, container, stream, targets: list[int], keys: list[int]) -> list | None:
     """RGB images of the frames whose pts are ``targets`` (ascending), None where one does not decode.
 
@@ -145,7 +192,7 @@ def _decode_chosen(av, container, stream, targets: list[int], keys: list[int]) -
                 cur = None
                 continue
             if cur.pts == t:
-                frames[k], cur = cur.to_image(), None
+                frames[k], cur = _upright(av, cur), None
             break  # cur.pts > t: this target did not decode; cur may be the next one
     return frames
 
@@ -231,6 +278,7 @@ def load_video_frames(src: str | os.PathLike | bytes, sampling: VideoSampling,
             except av.FFmpegError as e:
                 raise VideoLoadError(f"{label}: cannot decode (truncated or damaged video: "
                                      f"{type(e).__name__}: {e})") from e
+    gc.collect(1)  # frames whose side data was read (see _upright) are young cyclic garbage: free them now
     missing = [chosen[k] for k, f in enumerate(frames) if f is None]
     if missing:
         raise VideoLoadError(f"{label}: {len(chosen) - len(missing)} of the {len(chosen)} chosen frames "

@@ -1,7 +1,9 @@
 """Webdataset tar shards (``--in_format wds``): a directory of ``*.tar`` shards, read with :mod:`tarfile`.
 
-A sample is the members sharing a key: an image (jpg/jpeg/png/webp), a ``json`` with ``question`` and a
-``txt`` answer -> one human turn and one assistant turn. Shards are taken in name order, members in
+A sample is the members sharing a key: an image (jpg/jpeg/png/webp) or a video (mp4/webm/mkv/mov/avi/m4v,
+decoded from the member's bytes with PyAV like a video file; ``<video>`` marks its place in the question,
+else it goes first), a ``json`` with ``question`` and a ``txt`` answer -> one human turn and one assistant
+turn. Shards are taken in name order, members in
 archive order.
 """
 
@@ -16,6 +18,7 @@ from typing import Iterator
 from data.inputs.item import NESTED_TOO_DEEPLY, InputFileError, InputItem
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WDS_VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key = up to first dot
 
@@ -97,9 +100,11 @@ class WdsSource:
         for ext, m in members:
             by_ext.setdefault(ext, m)
         image_ext = next((e for e in WDS_IMAGE_EXTS if e in by_ext), None)
-        if image_ext is None:
-            return InputItem(i, where, error=f"{where}: no image member (one of "
-                                             f"{', '.join(WDS_IMAGE_EXTS)}); has {sorted(by_ext)}")
+        video_ext = next((e for e in WDS_VIDEO_EXTS if e in by_ext), None)
+        if image_ext is None and video_ext is None:
+            return InputItem(i, where, error=f"{where}: no image member (one of {', '.join(WDS_IMAGE_EXTS)}) "
+                                             f"nor video member (one of {', '.join(WDS_VIDEO_EXTS)}); has "
+                                             f"{sorted(by_ext)}")
         if "json" not in by_ext:
             return InputItem(i, where, error=f"{where}: no .json member with a \"question\"")
         read = lambda ext: tf.extractfile(by_ext[ext]).read()  # noqa: E731
@@ -121,8 +126,11 @@ class WdsSource:
         else:
             return InputItem(i, where, error=f"{where}: no .txt answer (nor an \"answer\" in the json)")
         item = {"conversations": [{"from": "human", "value": meta["question"]},
-                                  {"from": "gpt", "value": answer}],
-                "image": [read(image_ext)]}
+                                  {"from": "gpt", "value": answer}]}
+        if image_ext is not None:
+            item["image"] = [read(image_ext)]
+        if video_ext is not None:
+            item["video"] = [read(video_ext)]
         return InputItem(i, where, item)
 
 
