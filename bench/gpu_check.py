@@ -468,10 +468,11 @@ class PreflightError(RuntimeError):
 def _version(dist_name: str, module: str) -> str:
     """``dist_name``'s installed version, or 'MISSING (error)' when ``module`` does not import."""
     try:
-        mod = importlib.import_module(module)
+        importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is what the preflight reports
         return f"MISSING ({type(e).__name__}: {e})"
-    top = Path(mod.__file__).parents[module.count(".")]  # the package's folder: the image's or the carried one
+    # the top package's folder: the image's own or the carried one (bench/gpu_prepare.sh)
+    top = Path(sys.modules[module.split(".")[0]].__file__).parent
     try:
         return f"{importlib.metadata.version(dist_name)} ({top})"
     except importlib.metadata.PackageNotFoundError:
@@ -645,6 +646,8 @@ def run(a) -> int:
     except PreflightError as e:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2
+    if rehearse:  # every child on the CPU, also on a machine with a GPU (finetune_solver.py would take it)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = a.budget if a.budget is not None else DEFAULT_BUDGET_S["cpu" if rehearse else "gpu"]
@@ -686,6 +689,7 @@ def run(a) -> int:
 def run_section(a) -> int:
     """One check in this process: its GPUCHECK line on stdout; an exception is reported as a failed row."""
     if a.rehearse_cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the commands it starts stay on the CPU too
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         w = Where(torch.device("cpu"), "gloo", True, Path())
         sizes = REHEARSAL
