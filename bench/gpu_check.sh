@@ -28,7 +28,9 @@ usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die2() { echo "gpu_check.sh: $*" >&2; exit 2; }
 
 REHEARSE=0
-ONLY="nccl,pinned,train,resume,generate,pretok,encode"
+# the checks, in order: the Check(...) lines of bench/gpu_check.py (one list to extend)
+ALL=$(grep -oE '^    Check\("[a-z0-9_]+"' bench/gpu_check.py | cut -d'"' -f2 | paste -sd, -)
+ONLY=$ALL
 BUDGET=""
 RESULTS=""
 WHEELS=".whl"
@@ -46,9 +48,7 @@ while [[ $# -gt 0 ]]; do
 done
 IFS=, read -r -a sections <<< "$ONLY"
 for s in "${sections[@]}"; do
-  case "$s" in nccl|pinned|train|resume|generate|pretok|encode) ;;
-    *) die2 "--only: unknown check '$s' (nccl, pinned, train, resume, generate, pretok, encode)" ;;
-  esac
+  [[ ",$ALL," == *",$s,"* ]] || die2 "--only: unknown check '$s' (${ALL//,/, })"
 done
 
 PYTHON=${PYTHON:-python3}

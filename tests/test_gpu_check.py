@@ -5,6 +5,7 @@ sizes against the benchmarks' own rules, and (slow) the CPU rehearsal of every c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,19 @@ def test_without_cuda_it_skips_with_exit_77_and_says_why(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing was run
     assert gpu_check.main(["train"]) == 77
     assert gpu_check.main(["run", "--out", str(tmp_path / "o")]) == 77
+
+
+def test_children_get_the_repo_on_their_path_and_offline_mode(monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("RANK", "3")  # a launcher's variables would make finetune_solver.py rendezvous on a port
+    env = gpu_check.child_env()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO)]
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1" and "RANK" not in env
+
+
+def test_the_script_knows_every_check_of_the_python_side():
+    res = sh("--only", ",".join(gpu_check.SECTIONS) + ",warp")
+    assert res.returncode == 2 and f"unknown check 'warp' ({', '.join(gpu_check.SECTIONS)})" in res.stderr
 
 
 def test_a_missing_package_fails_the_preflight_with_how_to_carry_it(monkeypatch):
