@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reuse_freed_memory and not reuse_freed_memory():
-        sys.exit("--reuse_freed_memory: glibc's mallopt is not available here")
+        print("bench_pretokenize.py: --reuse_freed_memory: glibc's mallopt is not available here", file=sys.stderr)
+        sys.exit(2)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -18,8 +18,9 @@ images, checkpoints live in a scratch directory (``--work``) that ``run`` delete
 bf16 where the GPU run uses bf16 (autocast/FSDP mixed precision on the CPU), gloo where it uses nccl. It
 proves the plumbing (arguments, imports, output parsing), not the figures.
 
-Adding a row (e.g. a compiled variant): write ``section_NAME(w, s)`` that ends with ``emit(...)``, add its
-sizes to ``Sizes`` if it needs any, and one ``Check(...)`` line to ``CHECKS``.
+Adding a row (e.g. a compiled variant): write ``section_NAME(w, s)`` that ends with ``emit(NAME, ...)``, add
+its sizes to ``Sizes`` (and tiny ones to ``REHEARSAL``) if it needs any, and one ``Check("NAME", ...)`` line to
+``CHECKS`` (its place there is its place in the run; gpu_check.sh reads the list from there).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
-import math
 import os
 import re
 import shutil
@@ -314,8 +314,9 @@ def section_train(w: Where, s: Sizes) -> None:
     tokens = st.batch_size * st.max_seq_len
     metrics = {"params": n_params, "init_s": round(t_init, 2), "tokens_per_s": round(tokens / dt),
                "loss": round(m["loss"], 4)}
-    ok, notes = bool(np.isfinite(m["loss"])), [f"batch {st.batch_size} x {st.max_seq_len}, {st.precision}, fsdp, "
-                                               f"{s.train_steps} steps timed after {s.train_warmup}"]
+    ok = bool(np.isfinite(m["loss"]))
+    notes = [f"batch {st.batch_size} x {st.max_seq_len}, {st.precision}, fsdp, {s.train_steps} steps timed after "
+             f"{s.train_warmup}"]
     if w.cuda:
         gpu = _gpu_name()
         flops = tokens * flops_per_token(n_no_embed, cfg.num_hidden_layers, cfg.hidden_size, st.max_seq_len)
@@ -452,9 +453,8 @@ def section_encode(w: Where, s: Sizes) -> None:
          f"strict fp32 (no TF32); goal >= 3x the Lumina loop")
 
 
-SECTION_FUNCS: dict[str, Callable[[Where, Sizes], None]] = {
-    "nccl": section_nccl, "pinned": section_pinned, "train": section_train, "resume": section_resume,
-    "generate": section_generate, "pretok": section_pretok, "encode": section_encode}
+# check NAME runs section_NAME(w, s)
+SECTION_FUNCS: dict[str, Callable[[Where, Sizes], None]] = {c.name: globals()[f"section_{c.name}"] for c in CHECKS}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ if [[ $REHEARSE -eq 0 || $WHEELS_GIVEN -eq 1 ]] && compgen -G "$WHEELS/*.whl" > 
   SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
   echo "gpu_check.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --disable-pip-version-check --root-user-action=ignore --target "$SITE" "$WHEELS"/*.whl \
+    --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl \
     || die2 "installing the wheels in $WHEELS failed (see pip's message above)"
   export PYTHONPATH="$PWD:$SITE${PYTHONPATH#"$PWD"}"
 fi

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -196,7 +195,7 @@ def test_gpu_prepare_refuses_bad_arguments():
 
 @pytest.mark.slow
 def test_train_figures_survive_a_planner_that_raises(monkeypatch, capsys, tmp_path):
-    import model.training.planner as planner
+    from model.training import planner
 
     def broken(*a, **k):
         raise KeyError("no such precision")
