@@ -3,6 +3,7 @@
     python bench/bench_pretokenize.py --profile --repeats 2   # 64 images, target 256, as in bench/RESULTS.md
     python bench/bench_pretokenize.py --threads 1             # fairer on a machine shared with other jobs
     python bench/bench_pretokenize.py --device cuda --images 256 --batch_size 32   # GPU (refused without CUDA)
+    python bench/bench_pretokenize.py --vqgan tiny --images 6 --batch_size 2 --target_size 64   # plumbing only
 
 Builds, in a temp dir, a bundle whose VQGAN has Chameleon's real architecture (ch 128, ch_mult 1,1,2,2,4,
 2 res blocks, z/embed dim 256, 8192 codes; seeded random weights, bundle format) with the tiny bundle's
@@ -19,6 +20,11 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
                    its record file as it grows; with ``--batched_pipeline`` once more with
                    ``--no_batch_invariant`` (whole batches), and with ``--ablations`` once more with
                    ``--no_reuse_freed_memory``.
+
+On CUDA every method encodes in strict float32 (no TF32 convolutions or matmuls), Lumina's loop included:
+our VQGAN.encode does (TF32 moves codes near ties), and a loop left at PyTorch's TF32 cuDNN default would
+be compared at another precision. ``--images`` must be at least 3 x ``--batch_size`` (the first batch is
+a warm-up).
 
 The in-process methods run with glibc's default malloc, as Lumina's loop does (``--reuse_freed_memory``
 gives all of them pre_tokenize's setting instead); the pre_tokenize runs are the script as shipped.
@@ -58,7 +64,7 @@ from data.image_preprocess import crop_sizes
 from data.item_processor import ItemProcessor
 from model.tokenizer.tiny_bundle import make_tiny_bundle
 from model.tokenizer.bundle import ChameleonTokenizer
-from model.tokenizer.vqgan import VQGAN, VQGANConfig, load_vqgan
+from model.tokenizer.vqgan import VQGAN, VQGANConfig, load_vqgan, precise_cuda
 from model.tokenizer.vqgan_fast import reuse_freed_memory
 
 logger = logging.getLogger("bench_pretokenize")
@@ -157,6 +163,13 @@ class LuminaLoop:
         return Image.fromarray(((1 - a[:, :, None]) * 255 + a[:, :, None] * rgba[:, :, :3]).astype("uint8"), "RGB")
 
     def vq_encode(self, img: torch.Tensor) -> torch.Tensor:
+        # On CUDA, the same arithmetic as ours (VQGAN.encode): strict float32 convolutions and matmuls, no
+        # TF32. Lumina's own loop would run TF32 convolutions (PyTorch's cuDNN default), which is faster and
+        # moves codes near ties: a comparison across precisions would measure TF32, not the loop.
+        with precise_cuda(img.device):
+            return self._vq_encode(img)
+
+    def _vq_encode(self, img: torch.Tensor) -> torch.Tensor:
         vq = self.vq
         z = vq.quant_conv(vq.encoder(img))
         z = z.permute(0, 2, 3, 1).contiguous()
@@ -317,7 +330,8 @@ def count_differing(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]
     return sum(int((np.asarray(x) != np.asarray(y)).sum()) for x, y in zip(a, b)), sum(np.asarray(x).size for x in a)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked (bench/gpu_check.py's sizes must pass these checks too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="number of images (one per item)")
     parser.add_argument("--image_px", type=int, default=384, help="side of the square JPEG inputs")
@@ -327,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for every method (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N for the GPU comparison (batched "
                         "encode and pre_tokenize.py vs the per-item loop on the same GPU); refused without CUDA")
+    parser.add_argument("--vqgan", choices=["real", "tiny"], default="real",
+                        help="real: Chameleon's VQGAN architecture (the figures); tiny: the tiny bundle's, for a "
+                             "quick run of the plumbing (bench/gpu_check.py --rehearse-cpu)")
     parser.add_argument("--batched_pipeline", action="store_true",
                         help="also run pre_tokenize with --no_batch_invariant (whole batches per VQGAN call)")
     parser.add_argument("--ablations", action="store_true",
@@ -343,7 +360,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pretokenize.json",
                         help="where to write the results as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.images < 3 * args.batch_size:
         parser.error("--images must be at least 3 * --batch_size (the first batch is a warm-up)")
     try:
@@ -355,14 +371,22 @@ def main(argv: list[str] | None = None) -> None:
                      f"build); run without --device for the CPU comparison")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reuse_freed_memory and not reuse_freed_memory():
-        parser.error("--reuse_freed_memory: glibc's mallopt is not available here")
+        print("bench_pretokenize.py: --reuse_freed_memory: glibc's mallopt is not available here", file=sys.stderr)
+        sys.exit(2)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bundle = make_bundle(tmp / "bundle")
+        bundle = make_bundle(tmp / "bundle") if args.vqgan == "real" else make_tiny_bundle(tmp / "bundle", seed=0)
         data = make_images(tmp, args.images, args.image_px)
         items = json.loads(data.read_text())
         tok = ChameleonTokenizer.from_bundle(bundle, device=device)

@@ -198,7 +198,7 @@ class VQGAN(nn.Module):
         x = pixels.to(self.device, torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _precise_cuda(x.device):
+        with precise_cuda(x.device):
             if self.fast_encode and self.channels_last and self._fast.supports(x):
                 z = self._fast(x)
             else:
@@ -217,12 +217,12 @@ class VQGAN(nn.Module):
         z = self.quantize.embed(codes)
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        with _precise_cuda(z.device):
+        with precise_cuda(z.device):
             return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0).contiguous()
 
 
 @contextlib.contextmanager
-def _precise_cuda(device: torch.device):
+def precise_cuda(device: torch.device):
     """On CUDA, convolutions default to TF32, which changes codes near ties; encode in full float32."""
     if device.type != "cuda":
         yield
