@@ -42,6 +42,7 @@ from data.packing import block_causal_mask
 from data.data_config import DataConfigError
 from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
+from data.stop_signals import parse_signals
 from model.training import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
                                 only_model_keys, read_hf_weights, resolve_hf_dir, zero_image_head)
@@ -581,7 +582,7 @@ def _build_data(a: TrainArgs, rank: int, world: int, pad_id: int, global_batch: 
     data = build_train_data(a.data_config, max_seq_len=a.max_seq_len, micro_batch_size=a.batch_size,
                             accum_iter=a.accum_iter, world_size=world, rank=rank, seed=a.seed,
                             length_clustering=a.length_clustering, packing=a.packing, num_workers=a.num_workers,
-                            pin_mem=a.pin_mem, pad_id=pad_id)
+                            pin_mem=a.pin_mem, pad_id=pad_id, worker_ignores=parse_signals(a.exit_signals))
     if data.sampler.steps_per_epoch < 1:
         raise TrainingStopped(f"--data_config {a.data_config}: {len(data.dataset)} items make no global batch of "
                               f"{global_batch}; lower --batch_size / --accum_iter or add data")

@@ -5,16 +5,22 @@ only records the first signal (``requested``: its name, ``requested_at``: when);
 ``requested`` where stopping is safe (pre-tokenization: after the item in hand; the trainer: at an optimizer-step
 boundary, model/training/lifecycle.py). A second signal calls ``on_second`` (default: exit at once with
 ``second_exit_code``): a user who presses Ctrl-C twice, or a launcher that insists, gets an immediate exit.
+Signals within ``same_request_s`` (2 s) of the first are copies of the same request, not a second one: under
+``srun torchrun ...`` SLURM signals every process of the step, workers included, and torchrun's agent forwards
+the SIGTERM it got to the workers again a moment later.
 
-Forked children (DataLoader workers, pre-tokenization workers) inherit the handler; in them it does nothing,
-so the signal that SLURM sends to every process of a job step, or Ctrl-C to a terminal's process group, is
-left to their parent, which stops them in order (a worker dying of it would fail the parent's next read).
+Forked children (pre-tokenization workers) inherit the handler; in them it does nothing, so the signal that
+SLURM sends to every process of a job step, or Ctrl-C to a terminal's process group, is left to their parent,
+which stops them in order (a worker dying of it would fail the parent's next read). DataLoader workers install
+their own SIGTERM handler (torch's: die unless the parent sent it), so the training loader calls
+``ignore_signals`` in each worker (its ``worker_init_fn``, data/loader.py).
 
 This module imports nothing of the project, so both sides may import it (data/ never imports model/training/).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -54,11 +60,13 @@ class StopSignals:
     """Records the first of ``signals`` as a stop request; see the module docstring."""
 
     def __init__(self, signals: Sequence[signal.Signals], *, on_first: Callable[[str], None] | None = None,
-                 on_second: Callable[[str], None] | None = None, second_exit_code: int = EXIT_STOPPED_AT_ONCE):
+                 on_second: Callable[[str], None] | None = None, second_exit_code: int = EXIT_STOPPED_AT_ONCE,
+                 same_request_s: float = 2.0):
         self.signals = list(signals)
         self.on_first = on_first
         self.on_second = on_second
         self.second_exit_code = second_exit_code
+        self.same_request_s = same_request_s
         self.requested: str | None = None
         self.requested_at: float | None = None  # time.monotonic() of the first signal
         self._pid = os.getpid()
@@ -92,12 +100,30 @@ class StopSignals:
             if self.on_first is not None:
                 self.on_first(name)
             return
+        if time.monotonic() - self.requested_at < self.same_request_s:
+            logger.info("%s again within %gs of the first: the same stop request", name, self.same_request_s)
+            return
         if self.on_second is not None:
             self.on_second(name)
             return
         logger.warning("%s after %s: exiting at once (exit status %d)", name, self.requested, self.second_exit_code)
         flush_logs()
         os._exit(self.second_exit_code)
+
+
+def ignore_signals(signals: Sequence[signal.Signals]) -> None:
+    """In a worker process: ignore ``signals``; the parent owns the stop and ends its workers in order."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None] | None:
+    """A DataLoader ``worker_init_fn`` that ignores ``signals`` (None when there are none)."""
+    return functools.partial(_ignore_in_worker, tuple(signals)) if signals else None
+
+
+def _ignore_in_worker(signals: tuple, worker_id: int) -> None:
+    ignore_signals(signals)
 
 
 def flush_logs() -> None:
