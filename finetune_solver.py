@@ -14,6 +14,9 @@ batch is batch_size * accum_iter * world_size items. The loss of a step is the m
 tokens of the global batch (see model/chameleon_lm.py for the loss, model/training/parallelize.py for FSDP,
 model/training/checkpointing.py for the checkpoint layout, model/training/metrics.py for metrics.jsonl). Reruns in the same
 --output_dir resume from the newest complete checkpoint (--auto_resume), exactly where it stopped.
+SIGTERM or SIGUSR1 to any rank (scancel, preemption, #SBATCH --signal), or --exit_duration_in_mins, stop all
+ranks at the next step with a checkpoint and exit status 75; a rank without progress for --hang_timeout writes
+its stacks to OUTPUT_DIR/hang/ and exits 77 (model/training/lifecycle.py; README: On a cluster with time limits).
 """
 
 from __future__ import annotations

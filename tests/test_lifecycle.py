@@ -307,7 +307,8 @@ print("not reached", flush=True)
 
 
 def test_watchdog_writes_the_stacks_of_a_rank_without_progress_and_exits_77(tmp_path):
-    code = LIFECYCLE.format(grace=60, hang=1) + "lc.should_stop(4)\nlc.phase('forward/backward')\nstuck_in_a_collective()"
+    code = (LIFECYCLE.format(grace=60, hang=1)
+            + "lc.should_stop(4)\nlc.phase('forward/backward')\nstuck_in_a_collective()")
     r = _py(code, tmp_path)
     assert r.returncode == EXIT_HUNG, r.stdout[-3000:]
     text = (tmp_path / "hang" / "rank0-step5.txt").read_text()

@@ -40,9 +40,9 @@ Exit statuses (also in the README): 0 done (or --max_steps reached), 1 an error,
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -316,20 +316,8 @@ class Lifecycle:
 
 
 def _signum(name: str | None) -> int:
-    import signal
-
     return 0 if name is None else int(signal.Signals[name])
 
 
 def _signame(num: int) -> str:
-    import signal
-
     return signal.Signals(num).name
-
-
-def requeue_info(output_dir: str | Path) -> dict | None:
-    """The requeue file of a stopped run (None if the last run did not stop on request)."""
-    try:
-        return json.loads((Path(output_dir) / REQUEUE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
