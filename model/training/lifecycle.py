@@ -297,7 +297,8 @@ class Lifecycle:
         self._dump_flight_recorder(folder)
         logger.error("rank %d hung: no progress for %.0f s (--hang_timeout %g) in step %d, phase %s; stacks of all "
                      "threads in %s; exiting (status %d) so the launcher ends the job; the re-run resumes from %s",
-                     self.rank, idle, self.hang_timeout, step, phase, path, EXIT_HUNG, self._latest())
+                     self.rank, idle, self.hang_timeout, step, phase, path, EXIT_HUNG,
+                     self._latest() or "the start (no checkpoint yet)")
         flush_logs()
         os._exit(EXIT_HUNG)
 
