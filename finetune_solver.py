@@ -14,6 +14,9 @@ batch is batch_size * accum_iter * world_size items. The loss of a step is the m
 tokens of the global batch (see model/chameleon_lm.py for the loss, model/training/parallelize.py for FSDP,
 model/training/checkpointing.py for the checkpoint layout, model/training/metrics.py for metrics.jsonl). Reruns in the same
 --output_dir resume from the newest complete checkpoint (--auto_resume), exactly where it stopped.
+SIGTERM or SIGUSR1 to any rank (scancel, preemption, #SBATCH --signal), or --exit_duration_in_mins, stop all
+ranks at the next step with a checkpoint and exit status 75; a rank without progress for --hang_timeout writes
+its stacks to OUTPUT_DIR/hang/ and exits 77 (model/training/lifecycle.py; README: On a cluster with time limits).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ from data.packing import block_causal_mask
 from data.data_config import DataConfigError
 from data.eval_data import EvalData
 from data.records import IGNORE_INDEX, RecordFormatError
+from data.stop_signals import parse_signals
 from model.training import checkpointing as ckpt
 from model.chameleon_lm import (ChameleonLM, ModelLoadError, build_chameleon_lm, config_from_dict, load_hf_config,
                                 only_model_keys, read_hf_weights, read_vq_weights, resolve_hf_dir, zero_image_head)
@@ -54,6 +59,7 @@ from model.training.evaluation import Evaluator
 from model.training.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
                            reset_peak_memory, setup_logging, teardown_logging)
 from model.training.run_controls import SkipRanges, enable_determinism
+from model.training.lifecycle import Lifecycle, enable_nccl_flight_recorder, flag_problems as lifecycle_flag_problems
 from model.training.optim import build_optimizer, lr_at, set_lr
 from model.training.parallelize import DTYPES, parallelize, set_gradient_sync
 from model.training.trainable import (TRAINABLE_HELP, TrainableError, apply_trainable, attach_to_optimizer, base_model_record,
@@ -117,6 +123,19 @@ class TrainArgs:
     grad_precision: str = _f("fp32", "dtype of the gradient reduction", choices=["fp32", "bf16", "fp16"])
     checkpointing: bool = _f(False, "activation checkpointing of every decoder layer", neg="--no_checkpointing")
     dist_timeout: float = _f(1800.0, "seconds a collective may wait before failing (a dead rank stops the others)")
+    # stop signals, time limit, hung ranks (model/training/lifecycle.py; README: On a cluster with time limits)
+    exit_signals: str = _f("SIGTERM,SIGUSR1", "comma-separated signals that stop the run at the next optimizer-step "
+                                              "boundary on all ranks, with a checkpoint, exit status 75 (requeue); "
+                                              "a second one exits at once (76); none: off")
+    exit_grace_s: float = _f(120.0, "after a stop signal, seconds to reach a step boundary; past it (a long "
+                                    "evaluation or save in the way) the run exits at once with status 76 and no new "
+                                    "checkpoint (the newest complete one stays valid)")
+    exit_duration_in_mins: float | None = _f(None, "stop like a signal (checkpoint, exit 75) once the run has been "
+                                                   "going this many minutes, set-up included (rank 0's clock); "
+                                                   "set it a step plus a save below the job's time limit")
+    hang_timeout: float = _f(1800.0, "seconds without progress (a step, checkpoint, evaluation or sampling round "
+                                     "done) after which a rank writes the stacks of all its threads to "
+                                     "OUTPUT_DIR/hang/rank{r}-step{N}.txt and exits with status 77; 0: off")
     # output
     output_dir: str = _f("./output_dir", "where checkpoints, logs and metrics.jsonl go")
     save_interval: int = _f(1, "save epoch{E}/ every this many epochs (and after the last)")
@@ -249,6 +268,7 @@ def validate_args(a: TrainArgs) -> list[str]:
     if a.trainable is not None and not [e for e in a.trainable.split(",") if e.strip()]:
         bad.append(f"--trainable {a.trainable!r}: give presets or globs, e.g. image_head or 'model.layers.*.mlp.*'")
     bad += lora_flag_problems(a)
+    bad += lifecycle_flag_problems(a.exit_signals, a.exit_grace_s, a.exit_duration_in_mins, a.hang_timeout)
     bad += _validate_observability(a)
     bad += sample_flag_problems(a)
     return bad
@@ -364,9 +384,12 @@ def _count_params(lm: ChameleonLM) -> tuple[int, int]:
 
 
 def train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *, a: TrainArgs,
-               device: torch.device, lr: float, n_params_no_embed: int) -> dict:
+               device: torch.device, lr: float, n_params_no_embed: int,
+               phase: Callable[[str], None] = lambda name: None) -> dict:
     """Forward/backward over this rank's micro-batches, clip, AdamW. Returns the global step metrics; raises
-    TrainingStopped (on every rank alike) before updating when the loss or gradient norm is not finite."""
+    TrainingStopped (on every rank alike) before updating when the loss or gradient norm is not finite.
+    ``phase`` is told where the step is (a hang report names it; model/training/lifecycle.py)."""
+    phase("forward/backward")
     local_labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     n_labelled = all_reduce_sum([local_labelled], device)[0]
     # FSDP averages gradients over ranks, so world / n makes the result the global token mean
@@ -393,6 +416,7 @@ def train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro_batches:
         real_tokens += int(b["n_real_tokens"])
         bsz, seqlen = input_ids.shape
         flops += bsz * seqlen * flops_per_token(n_params_no_embed, cfg.num_hidden_layers, cfg.hidden_size, seqlen)
+    phase("optimizer")
     mask_frozen_rows(lm)  # --trainable image_head: frozen rows get exactly zero gradient
     max_norm = a.clip_grad if a.clip_grad > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), max_norm=max_norm, foreach=True)
@@ -439,10 +463,12 @@ def _build_evaluator(a: TrainArgs, rank: int, world: int, device: torch.device, 
 
 
 def _checked_train_step(lm: ChameleonLM, optimizer: torch.optim.Optimizer, micro: list[dict], *, a: TrainArgs,
-                        device: torch.device, lr: float, n_params_no_embed: int, out: Path, where: str) -> dict:
+                        device: torch.device, lr: float, n_params_no_embed: int, out: Path, where: str,
+                        phase: Callable[[str], None]) -> dict:
     """train_step; when it stops the run, the message names the step and the checkpoint left intact."""
     try:
-        return train_step(lm, optimizer, micro, a=a, device=device, lr=lr, n_params_no_embed=n_params_no_embed)
+        return train_step(lm, optimizer, micro, a=a, device=device, lr=lr, n_params_no_embed=n_params_no_embed,
+                          phase=phase)
     except TrainingStopped as e:
         last = ckpt.latest_checkpoint(out)
         raise TrainingStopped(f"{where}: {e}; stopping before the update. Newest checkpoint, left intact: "
@@ -559,7 +585,7 @@ def _build_data(a: TrainArgs, rank: int, world: int, pad_id: int, global_batch: 
     data = build_train_data(a.data_config, max_seq_len=a.max_seq_len, micro_batch_size=a.batch_size,
                             accum_iter=a.accum_iter, world_size=world, rank=rank, seed=a.seed,
                             length_clustering=a.length_clustering, packing=a.packing, num_workers=a.num_workers,
-                            pin_mem=a.pin_mem, pad_id=pad_id)
+                            pin_mem=a.pin_mem, pad_id=pad_id, worker_ignores=parse_signals(a.exit_signals))
     if data.sampler.steps_per_epoch < 1:
         raise TrainingStopped(f"--data_config {a.data_config}: {len(data.dataset)} items make no global batch of "
                               f"{global_batch}; lower --batch_size / --accum_iter or add data")
@@ -627,9 +653,11 @@ class _Saver:
 
 
 def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: int, global_step: int, spe: int,
-                   skip: SkipRanges, type_loss: TypeLoss, out: Path, world: int, device: torch.device) -> dict | None:
+                   skip: SkipRanges, type_loss: TypeLoss, out: Path, world: int, device: torch.device,
+                   lc: Lifecycle) -> dict | None:
     """Consumes the next global batch and trains on it (or skips it, --skip_iterations); the metrics row of a
-    trained step, None for a skipped one."""
+    trained step, None for a skipped one. ``lc`` hears which phase the step is in and that it finished."""
+    lc.phase("data")
     reset_peak_memory(device)
     t0 = time.perf_counter()
     where = f"step {global_step + 1} (epoch {epoch}, iter {it + 1})"
@@ -640,9 +668,11 @@ def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: in
     if global_step + 1 in skip:
         logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
                     "forward, backward or update", where, skip, batch_type)
+        lc.progress()
         return None
     r = _checked_train_step(m.lm, m.optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
-                            n_params_no_embed=m.n_params_no_embed)
+                            n_params_no_embed=m.n_params_no_embed, phase=lc.phase)
+    lc.progress()
     return {**_step_row(r, step=global_step + 1, epoch=epoch, it=it + 1, lr=lr, dt=time.perf_counter() - t0,
                         t_data=t_data, world=world, device=device, batch_type=batch_type),
             "trainable_params": m.n_trainable, **type_loss.update(batch_type, r["loss"])}
@@ -669,7 +699,8 @@ def _log_row(metrics: MetricsWriter, row: dict | None, *, step: int, log_every: 
 # the run
 
 
-def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
+def train(a: TrainArgs, rank: int, world: int, device: torch.device, lc: Lifecycle) -> int:
+    """The run; returns the exit status (0, or lifecycle.EXIT_STOPPED after a stop with a checkpoint)."""
     out = Path(a.output_dir)
     _setup_precision(a, device)
     init_model_parallel(a.model_parallel_size)
@@ -680,27 +711,28 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
     resume = _decide_resume(a, out, rank)
     m = _build_model(a, rank, world, device, resume)
     pad_id = m.config.pad_token_id if m.config.pad_token_id is not None else 0
-    data = _build_data(a, rank, world, pad_id, global_batch)
+    data = lc.watch("index build", _build_data)(a, rank, world, pad_id, global_batch)
     evaluator = _build_evaluator(a, rank, world, device, pad_id)
     skip = SkipRanges.parse(a.skip_iterations)
     type_loss = TypeLoss(a.type_loss_window)
     start_epoch, global_step, pending_rng = _restore(a, resume, m, data, type_loss, rank=rank, world=world,
                                                      global_batch=global_batch)
-    save = _Saver(a, out, m, data, type_loss, rank=rank, world=world, global_batch=global_batch)
+    save = lc.watch("checkpoint", _Saver(a, out, m, data, type_loss, rank=rank, world=world,
+                                          global_batch=global_batch))
+    evaluate = lc.watch("evaluation", _evaluate)
     metrics = _open_metrics(a, out, rank, resumed_step=global_step if resume is not None else None)
     samples = TrainingSamples.build(a, m.lm, rank, device)
+    after_step, at_epoch_end = lc.watch("sampling", samples.after_step), lc.watch("sampling", samples.at_epoch_end)
     m.lm.train()
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
     total_steps = a.epochs * spe
-    stop = a.max_steps is not None and global_step >= a.max_steps
+    stop = None
     logger.info("training from epoch %d, step %d of %d (%d steps per epoch)", start_epoch, global_step, total_steps, spe)
     if skip:
         logger.info("--skip_iterations: steps %s will be consumed without training", skip)
     try:
         for epoch in range(start_epoch, a.epochs):
-            if stop:
-                break
             data.sampler.set_epoch(epoch)
             spe = data.sampler.steps_per_epoch
             it_in_epoch = data.sampler.step
@@ -710,30 +742,30 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device) -> None:
                 pending_rng = None
             epoch_save_due = epoch % a.save_interval == 0 or epoch + 1 == a.epochs
             while it_in_epoch < spe:
-                if a.max_steps is not None and global_step >= a.max_steps:
-                    stop = True
+                if stop := lc.should_stop(global_step):  # a signal, the time limit, --max_steps: all ranks agree
                     break
                 row = _train_or_skip(a, m, data, batches, epoch=epoch, it=it_in_epoch, global_step=global_step,
-                                     spe=spe, skip=skip, type_loss=type_loss, out=out, world=world, device=device)
+                                     spe=spe, skip=skip, type_loss=type_loss, out=out, world=world, device=device,
+                                     lc=lc)
                 global_step += 1
                 it_in_epoch += 1
-                row = _evaluate(evaluator, m.lm, row, step=global_step, epoch=epoch, it=it_in_epoch, spe=spe)
+                row = evaluate(evaluator, m.lm, row, step=global_step, epoch=epoch, it=it_in_epoch, spe=spe)
                 _log_row(metrics, row, step=global_step, log_every=a.log_every, total_steps=total_steps)
                 if (a.save_iteration_interval and it_in_epoch % a.save_iteration_interval == 0
                         and not (it_in_epoch == spe and epoch_save_due)):
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, False, global_step)
                     last_saved = global_step
-                samples.after_step(global_step)
+                after_step(global_step)
             if stop:
                 if last_saved != global_step and global_step > 0:
                     save(ckpt.ckpt_name(epoch, it_in_epoch), epoch, it_in_epoch, False, global_step)
-                logger.info("stopped at --max_steps %d", a.max_steps)
-                break
+                return lc.stopped(stop, global_step, ckpt.latest_checkpoint(out))
             if epoch_save_due:
                 save(ckpt.ckpt_name(epoch), epoch, spe, True, global_step)
                 last_saved = global_step
-            samples.at_epoch_end(global_step)
+            at_epoch_end(global_step)
         logger.info("training done: %d steps", global_step)
+        return 0
     finally:
         metrics.close()
 
@@ -758,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     restore_determinism = enable_determinism() if a.deterministic else None  # before CUDA is first used
     try:
         launch = detect_launch_env()
+        enable_nccl_flight_recorder(a.output_dir)  # CUDA only; before the process group reads the variables
         device = init_distributed(launch, a.dist_timeout)
     except LaunchError as e:
         logging.basicConfig(level=logging.INFO)
@@ -774,13 +807,15 @@ def main(argv: list[str] | None = None) -> int:
                 rank, world, launch.local_rank, launch.master_addr, launch.master_port, dist.get_backend(), device)
     logger.info("flags: %s", json.dumps(dataclasses.asdict(a)))
     code = 0
+    lc = Lifecycle.from_args(a, rank, world, device).start()  # signals, --exit_duration_in_mins, --hang_timeout
     try:
-        train(a, rank, world, device)
+        code = train(a, rank, world, device, lc)
     except (TrainingStopped, ckpt.CheckpointError, ModelLoadError, LaunchError, DataConfigError,
             RecordFormatError, TrainableError, LoraError, DashboardError, GenerationInputError) as e:
         logger.error("%s", e)
         code = 1
     finally:
+        lc.close()
         teardown_logging(handlers)
         cleanup_distributed()
         if restore_determinism is not None:

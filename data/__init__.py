@@ -7,6 +7,8 @@
     pretok_errors.py     what pre-tokenization rejects (bad input) and what stops it (a bug, too many rejections)
     records.py, lumina_pickle.py          token shards, records and their index; Lumina's .pkl items
     files.py             durable writes (directory fsync, atomic replace); imports nothing of the project
+    stop_signals.py      stop signals as a request acted on at a safe point (pre-tokenization and the trainer);
+                         imports nothing of the project
     data_config.py, dataset.py, sampler.py, collate.py, packing.py, loader.py, eval_data.py
                          the training data path: data configs, datasets, resumable sampling, batches
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,6 +38,7 @@ from data.data_config import load_data_config
 from data.dataset import RecordDataset
 from data.records import open_index
 from data.sampler import ResumableBatchSampler
+from data.stop_signals import worker_ignoring
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,10 @@ def build_indexes(data_config_path: str | os.PathLike) -> None:
 def build_train_data(data_config_path: str | os.PathLike, *, max_seq_len: int, micro_batch_size: int,
                      accum_iter: int, world_size: int, rank: int, seed: int, length_clustering: bool = True,
                      packing: bool = False, num_workers: int = 0, pin_mem: bool = False, pad_id: int,
-                     pad_to_max_len: bool = False) -> TrainData:
+                     pad_to_max_len: bool = False, worker_ignores: Sequence[signal.Signals] = ()) -> TrainData:
     """Dataset + sampler + DataLoader for one rank. See data.sampler for the order and resume rules,
-    data.collate for the batch dict, data.packing for the packed attention mask."""
+    data.collate for the batch dict, data.packing for the packed attention mask. ``worker_ignores``: stop
+    signals the loader's workers ignore (their parent acts on them; data/stop_signals.py)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     sources = load_data_config(data_config_path)
@@ -89,6 +92,7 @@ def build_train_data(data_config_path: str | os.PathLike, *, max_seq_len: int, m
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     loader = ResumableDataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin, generator=generator,
+        worker_init_fn=worker_ignoring(worker_ignores) if num_workers else None,
         collate_fn=functools.partial(collate, max_seq_len=max_seq_len, pad_id=pad_id, packing=packing,
                                      pad_to_max_len=pad_to_max_len))
     logger.info("train data: %d items, %d types %s, global batch %d, %d steps per epoch, rank %d of %d, "

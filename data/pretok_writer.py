@@ -332,6 +332,11 @@ class RankWriter:
                                           ensure_ascii=False) + "\n")
 
     @property
+    def last_id(self) -> int | None:
+        """The last id written (added) by this run, None before the first."""
+        return self._last_id if self._last_id >= 0 else None
+
+    @property
     def uncommitted(self) -> int:
         return len(self._rec_lines) + len(self._err_lines)
 

@@ -6,6 +6,13 @@
 #   DATA_CONFIG=my.yaml OUTPUT_DIR=output/7B-run2 bash exps/7B.sh --epochs 1   # extra flags win
 #   DRY_RUN=1 bash exps/7B.sh                                          # print the command, run nothing
 #   PLAN=1 NNODES=4 bash exps/7B.sh                                    # memory/compute plan for 4 x 8 GPUs
+#   EXIT_DURATION_IN_MINS=1410 srun ... bash exps/7B.sh               # stop with a checkpoint after 23.5 h
+#
+# Stops (README "On a cluster with time limits and preemption"): SIGTERM/SIGUSR1 (scancel, preemption,
+# #SBATCH --signal) make the trainer checkpoint at the next step and exit 75, which this script passes on
+# (requeue on it); EXIT_DURATION_IN_MINS stops it the same way after that many minutes. srun signals every
+# process of the step, so this shell waits for the trainer and tee ignores the signal (the log stays whole);
+# torchrun's agent ignores SIGUSR1 (its workers get it from SLURM) and forwards SIGTERM.
 #
 # PLAN=1 prints finetune_solver.py --plan for these flags (no GPU, data or weights needed; DATA_CONFIG may be
 # unset) on WORLD_SIZE GPUs, default SLURM_NTASKS, else NNODES * NPROC_PER_NODE (1 x 8); GPU_MEMORY_GB
@@ -59,6 +66,7 @@ args=(
   --grad_precision fp32
 )
 if [[ -n "$INIT_FROM" ]]; then args+=(--init_from "$INIT_FROM"); fi
+if [[ -n "${EXIT_DURATION_IN_MINS:-}" ]]; then args+=(--exit_duration_in_mins "$EXIT_DURATION_IN_MINS"); fi
 if [[ -n "$DATA_CONFIG" ]]; then args+=(--data_config "$DATA_CONFIG"); fi
 
 if [[ -n "${PLAN:-}" ]]; then  # one process prints the plan for the whole cluster shape, then stops
@@ -71,8 +79,8 @@ if [[ -n "${PLAN:-}" ]]; then  # one process prints the plan for the whole clust
   exec "${full[@]}"
 fi
 
-if [[ "$LAUNCHER" == torchrun ]]; then
-  cmd=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${NPROC_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
+if [[ "$LAUNCHER" == torchrun ]]; then  # --shutdown_timeout: how long workers get to checkpoint after SIGTERM
+  cmd=(torchrun --shutdown_timeout "${SHUTDOWN_TIMEOUT:-300}" --nnodes "${NNODES:-1}" --nproc_per_node "${NPROC_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
        --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" finetune_solver.py)
 else  # under srun every task runs this line; finetune_solver.py reads SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST
   cmd=("$PYTHON" -u finetune_solver.py)
@@ -83,5 +91,12 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   exit 0
 fi
 mkdir -p "$OUTPUT_DIR"
-"${full[@]}" 2>&1 | tee -a "$OUTPUT_DIR/output.log"
+# a stop signal waits for the trainer (a trap runs after the command ends); its exit status (75: stopped with a
+# checkpoint) becomes this script's through pipefail + set -e
+trap 'echo "exps/7B.sh: stop signal; the trainer checkpoints at the next step and exits" >&2' TERM USR1
+if [[ "$LAUNCHER" == torchrun ]]; then
+  (trap '' USR1; exec "${full[@]}") 2>&1 | (trap '' TERM USR1; exec tee -a "$OUTPUT_DIR/output.log")
+else
+  "${full[@]}" 2>&1 | (trap '' TERM USR1; exec tee -a "$OUTPUT_DIR/output.log")
+fi
 echo "exp name: $(basename "$OUTPUT_DIR")"

@@ -40,6 +40,10 @@ the errors file. A bad input file stops it at once (exit 2). An exception that i
 stops it with the item and the traceback (exit 1), nothing marked done; after the fix the same command
 continues at that item. Too many rejections (--max_error_rate, --max_consecutive_errors) stop it with the
 most common reasons (exit 3); see data/pretok_errors.py.
+
+SIGTERM or SIGINT (Ctrl-C; scancel; a preemption) stops the rank after the item in hand: everything written
+so far is committed, a line says where it stopped and that the same command continues, and the exit status is
+75 (the trainer's "stopped, re-run me"); a second signal exits at once (76), which is safe too (as a kill -9).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -65,6 +71,7 @@ from data.pretok_errors import (MIN_ITEMS_FOR_RATE, FailureTolerance, PreTokeniz
 from data.pretok_workers import Prepared, prepare_stream
 from data.pretok_writer import (RUN_OPTIONAL_KEYS, OutputConflictError, OutputWriteError, RankWriter,
                                 bundle_fingerprint)
+from data.stop_signals import EXIT_STOPPED, StopSignals
 
 logger = logging.getLogger("pre_tokenize")
 # Lumina-mGPT's pre_tokenize.py has no --tokenizer_dir: it reads the bundle from here (relative to the cwd).
@@ -372,6 +379,10 @@ def run(args: PretokArgs) -> dict:
         processor = ItemProcessor(tokenizer, args.target_size, args.image_fit, video_sampling(args))
         base_dir = args.image_root if args.image_root is not None else source.base_dir
         items = (it for it in source.iter_items(range(st.next_id, ids.stop)) if it.id not in st.skip)
+        # installed before the worker pool forks: the workers inherit the handler, which ignores it in them
+        stop = StopSignals([signal.SIGTERM, signal.SIGINT])
+        if threading.current_thread() is threading.main_thread():
+            stop.install()
         # The worker pool forks here, before the VQGAN is loaded and torch starts its thread pools.
         stream = prepare_stream(processor, items, base_dir, args.num_workers)
         bar = None
@@ -407,12 +418,17 @@ def run(args: PretokArgs) -> dict:
                 for e in batcher.ready():
                     write_entry(writer, processor, e, counts, tolerance)
                     bar.update(1)
+                if stop.requested:  # after the item in hand; prepared items not yet encoded are redone
+                    break
                 now = time.perf_counter()
                 if writer.uncommitted >= args.commit_items or now - last_commit >= args.commit_seconds:
                     writer.commit()
                     last_commit = now
                     bar.set_postfix(images=batcher.images_done, errors=sum(v for k, v in counts.items()
                                                                          if k.startswith("error:")))
+            if stop.requested:
+                writer.commit()
+                return _stopped(args, tag, stop.requested, writer, counts)
             for e in batcher.ready(flush=True):
                 write_entry(writer, processor, e, counts, tolerance)
                 bar.update(1)
@@ -427,6 +443,7 @@ def run(args: PretokArgs) -> dict:
             raise
         finally:
             stream.close()
+            stop.restore()
             if bar is not None:
                 bar.close()
     t_end = time.perf_counter()
@@ -445,6 +462,17 @@ def run(args: PretokArgs) -> dict:
     return {**summary, "images": batcher.images_done, "images_per_s": images_per_s, "seconds": t_end - t_start}
 
 
+def _stopped(args: PretokArgs, tag: str, signame: str, writer: RankWriter, counts: Counter) -> dict:
+    """The summary of a rank stopped by a signal (everything written so far is committed)."""
+    last = writer.last_id
+    logger.warning("%s: stopped by %s after id %s (%d records and %d rejected items this run, all written and "
+                   "synced); re-run the same command to continue at id %d (exit status %d)", tag, signame,
+                   last if last is not None else "none", counts["records"],
+                   sum(v for k, v in counts.items() if k.startswith("error:")),
+                   (last + 1) if last is not None else writer.state.next_id, EXIT_STOPPED)
+    return {"stopped": signame, "last_id": last}
+
+
 def _by_reason(counts: dict) -> str:
     return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
 
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.tokenizer.vqgan import BundleError
 
     try:
-        run(args)
+        summary = run(args)
     except (InputFileError, OutputConflictError, OutputWriteError, BundleError) as e:
         logger.error("%s", e)
         return 2
@@ -466,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     except PreTokenizeBug as e:
         logger.error("%s", e)
         return 1
-    return 0
+    return EXIT_STOPPED if summary.get("stopped") else 0
 
 
 if __name__ == "__main__":

@@ -212,6 +212,36 @@ def test_kill9_mid_run_then_rerun_gives_byte_identical_output(long_input, tiny_b
     assert rank_files(out) == rank_files(ref)
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_stop_signal_stops_after_the_item_in_hand_and_the_rerun_is_byte_identical(sig, long_input, tiny_bundle,
+                                                                                   tmp_path):
+    import signal
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    pretok(long_input, ref, tiny_bundle, "--num_workers", "0")
+    cmd = [sys.executable, "pre_tokenize/pre_tokenize.py", "--in_filename", str(long_input), "--out_dir", str(out),
+           "--tokenizer_dir", str(tiny_bundle), "--target_size", TARGET, "--no_progress", "--num_workers", "1",
+           "--commit_items", "5", "--threads", "1"]
+    rec = out / "0-of-1-record.jsonl"
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not (rec.exists() and rec.stat().st_size):
+            time.sleep(0.005)
+        p.send_signal(getattr(signal, sig))  # to the main process only; its worker is left to it
+        log, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 75, log[-3000:]  # EXIT_STOPPED: "stopped, re-run me"
+    assert f"stopped by {sig} after id" in log and "re-run the same command to continue at id" in log, log[-2000:]
+    assert "Traceback" not in log
+    n = rec.read_bytes().count(b"\n")
+    assert not (out / "0-of-1-done.json").exists() and 0 < n < 300, n
+    assert main(["--in_filename", str(long_input), "--out_dir", str(out), "--tokenizer_dir", str(tiny_bundle),
+                 "--target_size", TARGET, "--no_progress", "--num_workers", "0"]) == 0
+    assert rank_files(out) == rank_files(ref)
+
+
 def test_rerun_of_a_finished_rank_does_nothing(dataset, reference, tiny_bundle, caplog):
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in reference.iterdir()}
     with caplog.at_level("INFO"):
