@@ -349,7 +349,9 @@ def test_loader_workers_ignore_the_stop_signal_and_leave_it_to_their_parent(asse
         it = batches()
         next(it)
         os.kill(worker_pid(), signal.SIGTERM)
-        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        # the loader notices the dead worker either through torch's check ("exited unexpectedly") or as the
+        # worker's queue closing under it (EOFError, ConnectionResetError), depending on when the signal lands
+        with pytest.raises((RuntimeError, EOFError, ConnectionError)):
             list(it)
 
 
