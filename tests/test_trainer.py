@@ -7,6 +7,7 @@ activation checkpointing) with the same global batch, and a 1-rank run with drop
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -98,6 +99,17 @@ def test_loss_decreases_on_a_learnable_data_set(run_1rank):
     for r in m.values():
         assert abs(r["loss"] - (r["closs"] + 1e-3 * r["z_loss"])) < 1e-9
         assert r["tokens_per_sec"] > 0 and r["tflops"] > 0 and r["memory"] > 0
+
+
+@pytest.mark.slow
+def test_logged_lr_follows_lumina_schedule_at_each_accumulation_boundary(run_1rank):
+    """8 steps of 2 micro-batches (16 per epoch), --lr 1e-2, --warmup_epochs 0.1, --min_lr 0: Lumina sets
+    the lr of step s at micro-batch 2s+1, epoch (2s+1)/16 (see tests/test_optim.py)."""
+    m = metrics(run_1rank)
+    for s in range(8):
+        e = (2 * s + 1) / 16
+        want = 1e-2 * e / 0.1 if e < 0.1 else 1e-2 * 0.5 * (1 + math.cos(math.pi * (e - 0.1) / 0.9))
+        assert m[s + 1]["lr"] == pytest.approx(want, rel=1e-9), s
 
 
 @pytest.mark.slow
