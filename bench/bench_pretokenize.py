@@ -11,7 +11,8 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
 
   bare batched     the preprocessed tensors, ``--batch_size`` per ``VQGAN.encode`` call (as loaded:
                    channels_last with the fast path on CPU);
-  bare per-image   the same tensors one image per call (what pre_tokenize does on CPU: batch-invariant);
+  bare per-image   the same tensors one image per call (what pre_tokenize --vq_channels_last does on CPU:
+                   batch-invariant; pre_tokenize's default is now the NCHW modules, Lumina's codes);
   bare per-image, modules (before)   the same through the taming modules, as before model/tokenizer/vqgan_fast.py;
   lumina loop      ``LuminaLoop`` below: Lumina-mGPT's pre_tokenize loop rewritten here faithfully (its
                    preprocessing, its NCHW model and VQGAN call order, a .pkl per item);
@@ -366,21 +367,30 @@ def like_for_like(data: Path, bundle: Path, tmp: Path, args) -> dict:
     }
     names = list(runs)
     rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     loads = []
+    n_images = len(json.loads(data.read_text()))
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else names[::-1]
         for name in order:
             out = tmp / f"lfl_{names.index(name)}_{rep}"
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             rates[name].append(rate(runs[name](out), args.batch_size))
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and the workers it waited for
+            cpu[name].append((c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime) / n_images)
             loads.append(os.getloadavg()[0])
-            logger.info("%s: %.3f images/s (load %.2f)", name, rates[name][-1], loads[-1])
-    base = rates[names[0]]
+            logger.info("%s: %.3f images/s, %.2f CPU s/image (load %.2f)", name, rates[name][-1], cpu[name][-1],
+                        loads[-1])
+    base, base_cpu = rates[names[0]], cpu[names[0]]
     print(f"\nlike for like: {args.repeats} repeat(s), alternating order; load average {min(loads):.1f}-{max(loads):.1f}")
-    print("| method | images/s per repeat | vs Lumina process, per repeat |\n|---|---|---|")
+    print("| method | images/s per repeat | vs Lumina process | CPU s / image, all its processes, start-up "
+          "included | vs Lumina process (CPU) |\n|---|---|---|---|---|")
     for name in names:
         print(f"| {name} | {' / '.join(f'{r:.3f}' for r in rates[name])} | "
-              f"{' / '.join(f'{r / b:.2f}x' for r, b in zip(rates[name], base))} |")
-    return {"rates": rates, "load_average": loads}
+              f"{' / '.join(f'{r / b:.2f}x' for r, b in zip(rates[name], base))} | "
+              f"{' / '.join(f'{c:.2f}' for c in cpu[name])} | "
+              f"{' / '.join(f'{b / c:.2f}x' for c, b in zip(cpu[name], base_cpu))} |")
+    return {"rates": rates, "cpu_s_per_image": cpu, "load_average": loads}
 
 
 def count_differing(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]:
@@ -449,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(json.dumps(report, indent=1))
             return
         items = json.loads(data.read_text())
-        tok = ChameleonTokenizer.from_bundle(bundle, device=device)
+        # the bare methods measure the channels_last fast path (pre_tokenize.py --vq_channels_last on CPU)
+        tok = ChameleonTokenizer.from_bundle(bundle, device=device, channels_last=device.type == "cpu")
         # Lumina loads the VQGAN as it is (NCHW parameters), with its own loop around it.
         lumina = LuminaLoop(tok, load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", device=device,
                                             channels_last=False), args.target_size)
