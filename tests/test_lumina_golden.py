@@ -199,12 +199,19 @@ def test_luminas_checkpoints_load_and_give_luminas_logits_bit_for_bit(variant):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_luminas_checkpoints_loaded_by_slices_give_luminas_logits_bit_for_bit(variant):
-    """The trainer's safetensors loader (model/sharded_load.py), one process."""
+    """The trainer's model and safetensors loader (model/sharded_load.py), one process: Lumina's
+    [model_parallel_size, head_dim] q/k norms kept as groups, as finetune_solver.py decides."""
     from model.chameleon_lm import build_chameleon_lm, load_hf_config
+    from model.lumina_layout import choose_qk_norm_groups
+    from model.qk_norm import GroupedQKNorm
     from model.sharded_load import load_sharded_safetensors
 
     d = GOLDEN / "checkpoints" / variant
-    lm = build_chameleon_lm(load_hf_config(d), device="meta")
+    config = load_hf_config(d)
+    config.qk_norm_groups = choose_qk_norm_groups(d, config)
+    assert config.qk_norm_groups == config.model_parallel_size
+    lm = build_chameleon_lm(config, device="meta")
+    assert isinstance(lm.model.layers[0].self_attn.q_norm, GroupedQKNorm)
     lm.to_empty(device="cpu")
     lm.reset_nonpersistent_buffers("cpu")
     load_sharded_safetensors(lm, d)
