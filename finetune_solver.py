@@ -664,7 +664,8 @@ def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: in
     batch_type = data.dataset.type_names[data.sampler.type_of_step(it)]
     micro = _next_global_batch(batches, a.accum_iter, where)
     t_data = time.perf_counter() - t0
-    lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs)
+    lr = lr_at(global_step, spe, lr=a.lr, min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, epochs=a.epochs,
+               accum_iter=a.accum_iter)
     if global_step + 1 in skip:
         logger.info("%s: skipped (--skip_iterations %s): its global batch (type %s) was consumed, no "
                     "forward, backward or update", where, skip, batch_type)

@@ -12,7 +12,8 @@ gets the target_size x target_size crop). Then, on the same machine and in this 
 
   bare batched     the preprocessed tensors, ``--batch_size`` per ``VQGAN.encode`` call (as loaded:
                    channels_last with the fast path on CPU);
-  bare per-image   the same tensors one image per call (what pre_tokenize does on CPU: batch-invariant);
+  bare per-image   the same tensors one image per call (what pre_tokenize --vq_channels_last does on CPU:
+                   batch-invariant; pre_tokenize's default is now the NCHW modules, Lumina's codes);
   bare per-image, modules (before)   the same through the taming modules, as before model/tokenizer/vqgan_fast.py;
   lumina loop      ``LuminaLoop`` below: Lumina-mGPT's pre_tokenize loop rewritten here faithfully (its
                    preprocessing, its NCHW model and VQGAN call order, a .pkl per item);
@@ -28,6 +29,17 @@ a warm-up).
 
 The in-process methods run with glibc's default malloc, as Lumina's loop does (``--reuse_freed_memory``
 gives all of them pre_tokenize's setting instead); the pre_tokenize runs are the script as shipped.
+
+``--like_for_like`` (alone, without the in-process methods) compares whole processes started the same way,
+one after the other in alternating order (``--repeats`` times), each timed from its own output files as
+they appear, first batch excluded:
+
+  lumina process   Lumina's loop (``LuminaLoop``) in a fresh process of its own, one process, glibc's
+                   default malloc: how Lumina's pre_tokenize.py runs;
+  ours, like for like   pre_tokenize.py with ``--num_workers 0 --no_reuse_freed_memory``: one process,
+                   default malloc, the default NCHW VQGAN;
+  ours as shipped  pre_tokenize.py with its defaults (``--num_workers``, ``--reuse_freed_memory`` on CPU);
+  ours as shipped + --vq_channels_last   the same with the channels_last fast path (codes may differ).
 
 Rates are steady state: the first batch of each method is excluded (oneDNN primitive creation, model
 loading, worker start-up). The in-process methods run interleaved, batch by batch in rotating order, so
@@ -326,6 +338,74 @@ def bench_script(data: Path, bundle: Path, out: Path, args, *extra: str) -> tupl
     return seen, " ".join(cmd[1:]), log
 
 
+def timed_process(cmd: list[str], count, env: dict | None = None) -> list[float]:
+    """Runs ``cmd`` (from the repository root); ``count()`` is how many images are done so far (read off
+    its output files); returns when each image was seen done."""
+    p = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    seen: list[float] = []
+    while p.poll() is None:
+        seen += [time.perf_counter()] * (count() - len(seen))
+        time.sleep(0.02)
+    seen += [time.perf_counter()] * (count() - len(seen))
+    log = p.stderr.read()
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
+    return seen
+
+
+def lumina_process(data: Path, bundle: Path, out: Path, target_size: int, threads: int) -> None:
+    """``--lumina_process``: Lumina's loop over every item of ``data``, alone in this process."""
+    if threads:
+        torch.set_num_threads(threads)
+    tok = ChameleonTokenizer.from_bundle(bundle, load_vqgan=False)
+    loop = LuminaLoop(tok, load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", channels_last=False),
+                      target_size)
+    out.mkdir(parents=True, exist_ok=True)
+    loop.run(json.loads(data.read_text()), 0, data.parent, out)
+
+
+def like_for_like(data: Path, bundle: Path, tmp: Path, args) -> dict:
+    """Whole processes, alternating (see the module docstring); images/s per method and repeat."""
+    runs = {
+        "lumina process (one process, default malloc)": lambda out: timed_process(
+            [sys.executable, "bench/bench_pretokenize.py", "--lumina_process", str(data), str(bundle), str(out),
+             "--target_size", str(args.target_size), "--threads", str(args.threads)],
+            lambda: len(list(out.glob("*.pkl"))) if out.exists() else 0),
+        "ours, like for like (pre_tokenize.py --num_workers 0 --no_reuse_freed_memory)":
+            lambda out: bench_script(data, bundle, out, args, "--num_workers", "0", "--no_reuse_freed_memory")[0],
+        f"ours as shipped (pre_tokenize.py, --num_workers {args.num_workers}, reuse_freed_memory on)":
+            lambda out: bench_script(data, bundle, out, args)[0],
+        "ours as shipped + --vq_channels_last (fast path)":
+            lambda out: bench_script(data, bundle, out, args, "--vq_channels_last")[0],
+    }
+    names = list(runs)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    loads = []
+    n_images = len(json.loads(data.read_text()))
+    for rep in range(args.repeats):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            out = tmp / f"lfl_{names.index(name)}_{rep}"
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            rates[name].append(rate(runs[name](out), args.batch_size))
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and the workers it waited for
+            cpu[name].append((c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime) / n_images)
+            loads.append(os.getloadavg()[0])
+            logger.info("%s: %.3f images/s, %.2f CPU s/image (load %.2f)", name, rates[name][-1], cpu[name][-1],
+                        loads[-1])
+    base, base_cpu = rates[names[0]], cpu[names[0]]
+    print(f"\nlike for like: {args.repeats} repeat(s), alternating order; load average {min(loads):.1f}-{max(loads):.1f}")
+    print("| method | images/s per repeat | vs Lumina process | CPU s / image, all its processes, start-up "
+          "included | vs Lumina process (CPU) |\n|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {' / '.join(f'{r:.3f}' for r in rates[name])} | "
+              f"{' / '.join(f'{r / b:.2f}x' for r, b in zip(rates[name], base))} | "
+              f"{' / '.join(f'{c:.2f}' for c in cpu[name])} | "
+              f"{' / '.join(f'{b / c:.2f}x' for c, b in zip(cpu[name], base_cpu))} |")
+    return {"rates": rates, "cpu_s_per_image": cpu, "load_average": loads}
+
+
 def count_differing(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]:
     return sum(int((np.asarray(x) != np.asarray(y)).sum()) for x, y in zip(a, b)), sum(np.asarray(x).size for x in a)
 
@@ -357,6 +437,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="first profile one image through each encoder (torch.profiler + oneDNN verbose, "
                         "CPU and system time, page faults)")
     parser.add_argument("--profile_only", action="store_true", help="--profile, then stop")
+    parser.add_argument("--like_for_like", action="store_true",
+                        help="only compare whole processes started alike: Lumina's loop in its own process vs "
+                             "pre_tokenize.py with one process and default malloc, and as shipped")
+    parser.add_argument("--lumina_process", nargs=3, type=Path, metavar=("DATA", "BUNDLE", "OUT"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pretokenize.json",
                         help="where to write the results as JSON")
     args = parser.parse_args(argv)
@@ -376,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.lumina_process:  # the like-for-like mode's own process for Lumina's loop
+        lumina_process(*args.lumina_process, args.target_size, args.threads)
+        return
     device = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -388,8 +476,15 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle") if args.vqgan == "real" else make_tiny_bundle(tmp / "bundle", seed=0)
         data = make_images(tmp, args.images, args.image_px)
+        if args.like_for_like:
+            report = {"args": {k: str(v) for k, v in vars(args).items()}, "like_for_like": like_for_like(
+                data, bundle, tmp, args)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+            return
         items = json.loads(data.read_text())
-        tok = ChameleonTokenizer.from_bundle(bundle, device=device)
+        # the bare methods measure the channels_last fast path (pre_tokenize.py --vq_channels_last on CPU)
+        tok = ChameleonTokenizer.from_bundle(bundle, device=device, channels_last=device.type == "cpu")
         # Lumina loads the VQGAN as it is (NCHW parameters), with its own loop around it.
         lumina = LuminaLoop(tok, load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", device=device,
                                             channels_last=False), args.target_size)

@@ -8,10 +8,15 @@ Each rank builds one model per setting (all, no_embed, norms, image_head, LoRA r
 q,k,v,o + image_head) exactly as the trainer does: meta device, model.training.lora.apply_lora, model.training.trainable's
 apply_trainable, model.training.parallelize.parallelize, the same initial weights from rank 0, the optimizer of
 model.training.optim + trainable.attach_to_optimizer. Then rounds of one finetune_solver.train_step per setting,
-interleaved (so the machine's load hits every setting alike). Bytes counted on each rank after a step,
-before the gradients are freed: its parameter shards, its gradient shards, its optimizer state (exp_avg,
-exp_avg_sq, step) - what FSDP divides and freezing removes. Activations are not counted (the same
-for every setting up to the LoRA branches). Step time: median over rounds of the slowest rank's wall time, and of its CPU time (process time; one thread
+interleaved (so the machine's load hits every setting alike). Memory per rank, two ways:
+
+- measured: after the rounds, each setting's model and optimizer are deleted in turn and the drop in the
+  bytes the C allocator holds (glibc ``mallinfo2``, one arena per process: bench_fsdp_memory.malloc_in_use_mb)
+  is what that setting held between steps: parameters and optimizer state, gradients freed;
+- computed from tensor sizes, not measured: its parameter shards, its gradient shards (at the step, before
+  they are freed), its optimizer state (exp_avg, exp_avg_sq, step) - what FSDP divides and freezing removes.
+
+Activations are in neither (the same for every setting up to the LoRA branches). Step time: median over rounds of the slowest rank's wall time, and of its CPU time (process time; one thread
 per rank, so it moves less with the machine's load than wall time does).
 """
 
@@ -46,7 +51,7 @@ def worker(a) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from bench_fsdp_memory import initial_weights
+    from bench_fsdp_memory import initial_weights, malloc_in_use_mb
     from bench_train_step import load_solver, tiny_config
     from model.chameleon_lm import build_chameleon_lm
     from model.training.lora import apply_lora, hf_to_model_state
@@ -73,6 +78,7 @@ def worker(a) -> None:
         shard_row_masks(lm)
         full = hf_to_model_state(lm, dict(hf_sd)) if rank == 0 else {}  # (set_model_state_dict consumes it)
         set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full  # it may keep references into the model's tensors: the measurement below would miss them
         opt = attach_to_optimizer(build_optimizer(lm, lr=1e-4, weight_decay=0.1), lm)
         grads = {}
         opt.register_step_post_hook(lambda o, *_, lm=lm, g=grads: g.update(
@@ -93,13 +99,19 @@ def worker(a) -> None:
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if rnd:
                 times[name].append(dt.tolist())
+    rows = []
     for name, (lm, opt, grads, n_train) in models.items():
-        row = {"setting": name, "rank": rank, "world": world, "trainable": n_train,
+        rows.append({"setting": name, "rank": rank, "world": world, "trainable": n_train,
                "total": sum(p.numel() for p in lm.parameters()),
                "param_mb": sum(_bytes(p) for p in lm.parameters()) / 2**20, "grad_mb": grads.get("b", 0) / 2**20,
                "optim_mb": sum(_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
                / 2**20, "step_s": statistics.median(t[0] for t in times[name]),
-               "step_cpu_s": statistics.median(t[1] for t in times[name])}
+               "step_cpu_s": statistics.median(t[1] for t in times[name])})
+    del lm, opt, grads
+    for row in rows:  # measured: what deleting this setting's model and optimizer gives back
+        before = malloc_in_use_mb()
+        del models[row["setting"]]
+        row["held_mb"] = before - malloc_in_use_mb()
         print("ROW " + json.dumps(row), flush=True)
     dist.destroy_process_group()
 
@@ -134,11 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {base['total'] / 1e6:.2f}M parameters; "
           f"{a.world} rank(s), {a.seq} tokens/rank/step, {a.rounds} rounds; load average {' '.join(load)}; "
           f"largest difference between ranks in total MB: {spread:.3f}")
-    print("| setting | trainable params | params MB/rank | grads MB/rank | optimizer MB/rank | total MB/rank | "
-          "vs full | step wall s | vs full | step CPU s | vs full |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    held = {r["setting"]: [q["held_mb"] for q in rows if q["setting"] == r["setting"]] for r in r0}
+    print("| setting | trainable params | measured: held between steps MB/rank (rank 0, 1, ...) | vs full | "
+          "computed: params MB/rank | grads MB/rank | optimizer MB/rank | total MB/rank | vs full | "
+          "step wall s | vs full | step CPU s | vs full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in r0:
+        h, hb = held[r["setting"]], held[base["setting"]]
         print(f"| {r['setting']} | {r['trainable'] / 1e6:.3f}M ({100 * r['trainable'] / r['total']:.1f}%) | "
+              f"{', '.join(f'{x:.2f}' for x in h)} | {max(h) / max(hb):.3f}x | "
               f"{r['param_mb']:.2f} | {r['grad_mb']:.2f} | {r['optim_mb']:.2f} | {tot(r):.2f} | "
               f"{tot(r) / tot(base):.3f}x | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
               f"{r['step_cpu_s']:.3f} | {r['step_cpu_s'] / base['step_cpu_s']:.2f}x |")

@@ -153,9 +153,13 @@ def to_pil(pixels) -> Image.Image:
 
 
 def _normalize_mode(img: Image.Image) -> Image.Image:
-    """Palette/1-bit/16-bit/float/CMYK/... -> L, LA, RGB or RGBA (which resize like Lumina's inputs)."""
+    """Palette/1-bit/16-bit/float/YCbCr/... -> L, LA, RGB or RGBA (which resize like Lumina's inputs).
+
+    CMYK stays CMYK: Lumina resizes it as it is and converts to RGB after the crop (``to_rgb_array``), and
+    PIL's CMYK -> RGB clips, so converting first gives other pixels (and codes; the golden Lumina outputs'
+    CMYK item, tests/test_lumina_golden.py)."""
     mode = img.mode
-    if mode in ("RGB", "RGBA", "L", "LA"):
+    if mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
         return img
     if mode == "1":
         return img.convert("RGB")
@@ -178,7 +182,7 @@ def _normalize_mode(img: Image.Image) -> Image.Image:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
     try:
-        return img.convert("RGBA" if "A" in mode else "RGB")  # CMYK, YCbCr, HSV, RGBX, ...
+        return img.convert("RGBA" if "A" in mode else "RGB")  # YCbCr, HSV, RGBX, ...
     except ValueError as e:
         raise ImageLoadError(f"image mode {mode} cannot be converted to RGB ({e})") from e
 
@@ -209,7 +213,7 @@ def check_source(src: str | os.PathLike | bytes, name: str | None, error: type[E
 
 def load_image(src: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Reads an image file (path) or encoded image (bytes) fully; EXIF orientation applied; mode L, LA,
-    RGB or RGBA. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong.
+    RGB, RGBA or CMYK. Raises ImageLoadError naming ``name`` (default: the path) and what is wrong.
 
     Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused (PIL itself only warns below twice that). The
     warning filter this uses is process-wide: call it from processes, not from several threads at once.

@@ -149,6 +149,10 @@ class PretokArgs:
         "(bit-exact output for any --batch_size). Default: on for CPU, where convolution results change "
         "in the last bits with the batch size and batching gains little; off for CUDA, where batching is "
         "the speed-up", None, pair="no_batch_invariant")
+    vq_channels_last: bool = _arg(
+        "run the VQGAN in channels_last layout (on CPU with model/tokenizer/vqgan_fast.py's fast path): faster "
+        "on a real-size VQGAN, but some codes differ from Lumina's NCHW encoder (tests/test_lumina_golden.py); "
+        "default off: Lumina's codes", False, pair="no_vq_channels_last")
     threads: int = _arg("torch intra-op threads for the VQGAN on CPU (0: torch's default, one per core). On a "
                         "machine shared with other jobs, fewer threads than cores avoids stalls", 0)
     reuse_freed_memory: bool | None = _arg(
@@ -394,7 +398,8 @@ def run(args: PretokArgs) -> dict:
                 torch.set_num_threads(args.threads)
             if args.reuse_freed_memory if args.reuse_freed_memory is not None else device.type == "cpu":
                 reuse_freed_memory()
-            full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device)
+            full = ChameleonTokenizer.from_bundle(args.tokenizer_dir, device=device,
+                                                  channels_last=args.vq_channels_last)
             per_image = args.batch_invariant if args.batch_invariant is not None else device.type == "cpu"
             batcher = ImageBatcher(full.vqgan, args.batch_size, per_image, max_images=4 * args.batch_size,
                                    max_items=max(256, 8 * args.batch_size))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data.image_preprocess import (ImageLoadError, center_crop, choose_crop, crop_sizes, load_image,
-                                   preprocess_image, to_pil)
+                                   preprocess_image, to_pil, to_rgb_array)
 from data.item_processor import IGNORE_INDEX, ItemError, ItemProcessor
 
 EOT = "<reserved08706>"
@@ -148,7 +148,8 @@ def test_palette_16bit_cmyk_and_1bit_modes_become_rgb_like(tmp_path):
     assert loaded.mode == "L" and np.asarray(loaded).tolist() == [[0, 128, 255, 1]]
 
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
-    assert load_image(_save(cmyk, tmp_path / "c.jpg")).mode == "RGB"
+    loaded = load_image(_save(cmyk, tmp_path / "c.jpg"))  # resized as CMYK, as Lumina does; RGB at the end
+    assert loaded.mode == "CMYK" and to_rgb_array(loaded).shape == (8, 8, 3)
     one = Image.new("1", (8, 8), 1)
     assert load_image(_save(one, tmp_path / "one.png")).getpixel((0, 0)) == (255, 255, 255)
 

@@ -140,6 +140,61 @@ def test_processes_opening_a_record_file_at_once_build_one_valid_index(tmp_path)
                                                          "record.json.index.lock", "reference"]
 
 
+def _open_while_counting_builds(rank: int, rec: str, log: str) -> None:
+    """Rank 0 opens first and holds its build open for a while; rank 1 opens once rank 0 is building. Every
+    build, and when each open returned, is appended to ``log``."""
+    import logging
+    import time
+
+    def note(line: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"{line}\n")
+
+    real = records.build_index
+
+    def counted_build(path, *args, **kw):
+        note(f"build-start {rank} {time.time()}")
+        if rank == 0:
+            Path(log + ".building").touch()
+            time.sleep(1.5)  # long enough for rank 1 to find no index and reach the lock
+        out = real(path, *args, **kw)
+        note(f"build-end {rank} {time.time()}")
+        return out
+
+    records.build_index = counted_build  # ensure_index calls it through the module
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())
+    records.logger.addHandler(handler)
+    records.logger.setLevel(logging.INFO)
+    if rank == 1:
+        deadline = time.time() + 60
+        while not Path(log + ".building").exists():
+            assert time.time() < deadline, "rank 0 never started building"
+            time.sleep(0.01)
+    idx = open_index(rec)
+    assert len(idx) == 50
+    waited = any(m.startswith("waiting for another process") for m in messages)
+    note(f"opened {rank} {time.time()} waited={waited}")
+
+
+def test_two_concurrent_openers_build_the_index_once_and_the_second_waits_for_it(tmp_path):
+    """The flock around the build: rank 1 finds no index while rank 0 is building it, waits on the lock
+    (not building a second copy), and returns only after rank 0's build has ended, using that index."""
+    rec = tmp_path / "record.json"
+    rec.write_text(json.dumps(_lumina_records(50)))
+    log = tmp_path / "log.txt"
+    spawn(functools.partial(_open_while_counting_builds, rec=str(rec), log=str(log)), 2, timeout=120)
+    lines = [line.split() for line in log.read_text().splitlines()]
+    builds = [w for w in lines if w[0] == "build-start"]
+    assert [w[1] for w in builds] == ["0"], lines  # one build, by the first opener
+    build_end = next(float(w[2]) for w in lines if w[0] == "build-end")
+    opened = {w[1]: (float(w[2]), w[3]) for w in lines if w[0] == "opened"}
+    assert opened["1"][1] == "waited=True" and opened["0"][1] == "waited=False", lines
+    assert opened["1"][0] >= build_end, lines  # the second opener returned after the build, not before
+    assert {p.name: p.read_bytes() for p in index_dir_for(rec).iterdir()} == reference_index(rec)
+
+
 def _build_without_lock(rank: int, rec: str) -> None:
     build_index(rec)  # no lock: both build, one installs, the other keeps it
     assert index_is_current(rec) and len(open_index(rec)) == 5000

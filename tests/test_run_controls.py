@@ -4,6 +4,8 @@ Runs reuse test_trainer's assets and its uninterrupted dropout run (8 steps, a c
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -101,3 +103,53 @@ def test_deterministic_runs_with_two_loader_workers_give_bitwise_identical_losse
     for s in a:
         assert (a[s]["loss"], a[s]["grad_norm"]) == (b[s]["loss"], b[s]["grad_norm"]), s
     assert '"deterministic": true' in (tmp_path / "a" / "common.log").read_text()
+
+
+def test_deterministic_flag_is_in_force_inside_the_run_and_sets_cublas_before_cuda_is_probed(
+        assets, tmp_path, monkeypatch):  # noqa: F811
+    """What --deterministic does, observed inside a training step (CPU runs are reproducible without it, so
+    equal losses alone cannot show it): deterministic algorithms on, cuDNN deterministic without autotuning,
+    TF32 off, CUBLAS_WORKSPACE_CONFIG set before the run first asks whether CUDA is there (cuBLAS reads it
+    when CUDA starts), and every attention call dispatched to SDPA's math kernel (on a CPU, PyTorch would
+    pick its flash kernel for the same tensors)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen: dict = {"cuda_probe_env": [], "sdpa": [], "in_step": []}
+    real_available, real_sdpa = torch.cuda.is_available, torch.nn.functional.scaled_dot_product_attention
+
+    def probe_cuda() -> bool:
+        seen["cuda_probe_env"].append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return real_available()
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        args = (query.detach(), key.detach(), value.detach(), None if attn_mask is None else attn_mask.detach())
+        seen["sdpa"].append((torch._fused_sdp_choice(*args, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa),
+                             args, dropout_p, is_causal, scale, enable_gqa))
+        return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
+
+    def in_step(*_):
+        b = torch.backends
+        seen["in_step"].append((torch.are_deterministic_algorithms_enabled(), b.cudnn.deterministic,
+                                b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32,
+                                b.cuda.flash_sdp_enabled(), b.cuda.mem_efficient_sdp_enabled(),
+                                b.cuda.cudnn_sdp_enabled(), b.cuda.math_sdp_enabled(),
+                                os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+
+    monkeypatch.setattr(torch.cuda, "is_available", probe_cuda)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    handle = register_optimizer_step_pre_hook(in_step)
+    try:
+        solve(assets, tmp_path, "--batch_size", "2", "--accum_iter", "1", "--deterministic", "--max_steps", "2",
+              "--no_export_hf", "--save_iteration_interval", "100")
+    finally:
+        handle.remove()
+    assert seen["in_step"] == [(True, True, False, False, False, False, False, False, True, ":4096:8")] * 2
+    assert seen["cuda_probe_env"] and set(seen["cuda_probe_env"]) == {":4096:8"}, seen["cuda_probe_env"]
+    math = int(torch.nn.attention.SDPBackend.MATH)
+    assert seen["sdpa"] and {c[0] for c in seen["sdpa"]} == {math}
+    # the flag is undone when the run ends, and then the same attention calls would not take the math kernel
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    _, args, p, causal, scale, gqa = seen["sdpa"][0]
+    assert torch._fused_sdp_choice(*args, p, causal, scale=scale, enable_gqa=gqa) != math

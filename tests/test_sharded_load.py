@@ -3,7 +3,9 @@
 At 1 and 2 gloo ranks, for a plain HF checkpoint, an index-sharded one and a Lumina-layout one (bf16,
 [model_parallel_size, head_dim] q/k norms, swin norm), the model filled by slices holds exactly the weights
 of the rank-0 path (finetune_solver._load_initial_weights) and gives the same loss; a checkpoint that lacks a
-weight or has a wrong shape stops every rank with a ModelLoadError instead of hanging one.
+weight or has a wrong shape stops every rank with a ModelLoadError instead of hanging one. Each rank reads
+from the files exactly the bytes of its own shards (plus the tiny q/k norms it converts): counted at
+safetensors, so a loader that read whole tensors on every rank fails at 2 ranks.
 """
 
 from __future__ import annotations
@@ -76,6 +78,67 @@ def checkpoints(tiny_bundle, tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "sharded": sharded, "lumina": lumina_dir, "missing": missing, "bad_shape": bad_shape}
 
 
+class _CountingSafeOpen:
+    """``safetensors.safe_open`` that adds the bytes of every tensor it hands out (whole or sliced) to
+    ``counts[key]``; headers (shapes, dtypes) cost nothing."""
+
+    def __init__(self, real, counts: dict[str, int]):
+        self.real, self.counts = real, counts
+
+    def __call__(self, *args, **kw):
+        counts, handle = self.counts, self.real(*args, **kw)
+
+        class Slice:
+            def __init__(self, key, sl):
+                self.key, self.sl = key, sl
+
+            def __getitem__(self, index):
+                t = self.sl[index]
+                counts[self.key] = counts.get(self.key, 0) + t.numel() * t.element_size()
+                return t
+
+            def __getattr__(self, name):
+                return getattr(self.sl, name)
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, key):
+                t = handle.get_tensor(key)
+                counts[key] = counts.get(key, 0) + t.numel() * t.element_size()
+                return t
+
+            def get_slice(self, key):
+                return Slice(key, handle.get_slice(key))
+
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+        return Handle()
+
+
+def _bytes_read_by_slices(lm, model_dir: Path) -> dict[str, int]:
+    """Loads ``model_dir`` into ``lm`` by slices, counting the tensor bytes this rank reads per key."""
+    import safetensors
+    import safetensors.torch
+
+    from model.sharded_load import load_sharded_safetensors
+
+    counts: dict[str, int] = {}
+    real = safetensors.safe_open
+    safetensors.safe_open = safetensors.torch.safe_open = _CountingSafeOpen(real, counts)
+    try:
+        load_sharded_safetensors(lm, model_dir)
+    finally:
+        safetensors.safe_open = safetensors.torch.safe_open = real
+    return counts
+
+
 def _sharded_model(model_dir: Path, world: int):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -87,6 +150,27 @@ def _sharded_model(model_dir: Path, world: int):
     lm.to_empty(device="cpu")
     lm.reset_nonpersistent_buffers("cpu")
     return lm
+
+
+def _check_bytes_read(read: dict[str, int], lm, stored: dict[str, torch.Tensor], name: str, world: int) -> None:
+    """This rank read its own shard of each tensor, in the file's dtype, and the q/k norms of another grouping
+    (Lumina's [model_parallel_size, head_dim], converted on every rank) whole; nothing else."""
+    from torch.distributed.tensor import DTensor
+
+    from model.qk_norm import NORM_KEY_RE
+
+    want = {}
+    for k, p in lm.state_dict().items():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        file_t = stored[k]
+        whole = tuple(file_t.shape) != tuple(p.shape) and NORM_KEY_RE.match(k) is not None
+        want[k] = file_t.numel() * file_t.element_size() if whole else local.numel() * file_t.element_size()
+    want = {k: v for k, v in want.items() if v}
+    assert read == want, f"{name}: bytes read per tensor differ from this rank's shards: " \
+                         f"{ {k: (read.get(k), want.get(k)) for k in set(read) | set(want) if read.get(k) != want.get(k)} }"
+    model_bytes = sum(t.numel() * t.element_size() for k, t in stored.items() if ".vqmodel." not in k)
+    if world == 2:  # a per-rank bound readable at a glance: about half the model, never all of it
+        assert sum(read.values()) < 0.6 * model_bytes, (name, sum(read.values()), model_bytes)
 
 
 def _worker(rank: int, world: int, dirs: dict[str, str]) -> None:
@@ -110,7 +194,8 @@ def _worker(rank: int, world: int, dirs: dict[str, str]) -> None:
             by_rank0 = _sharded_model(d, world)
             finetune_solver._load_initial_weights(by_rank0, str(d), rank)
             by_slices = _sharded_model(d, world)
-            load_sharded_safetensors(by_slices, d)
+            read = _bytes_read_by_slices(by_slices, d)
+            _check_bytes_read(read, by_slices, _tensors(d), name, world)
             a = get_model_state_dict(by_rank0, options=full)
             b = get_model_state_dict(by_slices, options=full)
             if rank == 0:

@@ -7,6 +7,7 @@ activation checkpointing) with the same global batch, and a 1-rank run with drop
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -101,6 +102,17 @@ def test_loss_decreases_on_a_learnable_data_set(run_1rank):
 
 
 @pytest.mark.slow
+def test_logged_lr_follows_lumina_schedule_at_each_accumulation_boundary(run_1rank):
+    """8 steps of 2 micro-batches (16 per epoch), --lr 1e-2, --warmup_epochs 0.1, --min_lr 0: Lumina sets
+    the lr of step s at micro-batch 2s+1, epoch (2s+1)/16 (see tests/test_optim.py)."""
+    m = metrics(run_1rank)
+    for s in range(8):
+        e = (2 * s + 1) / 16
+        want = 1e-2 * e / 0.1 if e < 0.1 else 1e-2 * 0.5 * (1 + math.cos(math.pi * (e - 0.1) / 0.9))
+        assert m[s + 1]["lr"] == pytest.approx(want, rel=1e-9), s
+
+
+@pytest.mark.slow
 def test_checkpoints_logs_and_export_are_laid_out_as_documented(run_1rank):
     names = sorted(p.name for p in run_1rank.iterdir())
     assert {"epoch0-iter4", "epoch0", "metrics.jsonl", "common.log", "rank-0.log"} <= set(names)
@@ -168,7 +180,9 @@ def test_packing_gives_the_same_losses_as_padding(assets, run_1rank, tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_a_different_world_size_continues_the_curve(assets, run_2rank, tmp_path):
-    solve(assets, tmp_path, "--batch_size", "4", "--accum_iter", "1", "--resume_path",
+    # the same global batch and --accum_iter (Lumina's schedule evaluates the lr at the last micro-batch of
+    # each accumulation window, so another --accum_iter is another lr curve: tests/test_optim.py)
+    solve(assets, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--resume_path",
           str(run_2rank / "epoch0-iter4"))
     two, one = metrics(run_2rank), metrics(tmp_path)
     assert sorted(one) == [5, 6, 7, 8]

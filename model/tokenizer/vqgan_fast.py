@@ -1,5 +1,9 @@
 """The VQGAN encoder's CPU fast path: the same arithmetic as taming's ``Encoder`` with less work around it.
 
+It runs when the VQGAN is in channels_last layout, which is opt-in (``load_vqgan(channels_last=True)``,
+``pre_tokenize.py --vq_channels_last``): channels_last codes differed from Lumina's NCHW ones on the golden
+Lumina outputs (tests/test_lumina_golden.py), so the default is NCHW and this path is off.
+
 ``FastEncoder(vqgan.encoder, vqgan.quant_conv)(x)`` returns ``quant_conv(encoder(x))`` for a float32 CPU batch, bit for bit what the
 modules compute in channels_last (tests/test_vqgan_fast.py checks z and codes), but without what a
 profile of a pre-tokenization run shows costing time outside the convolutions (bench/RESULTS.md):

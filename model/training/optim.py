@@ -1,9 +1,12 @@
 """AdamW and Lumina's learning-rate schedule.
 
-Schedule (Lumina's ``adjust_learning_rate_epoch``): with ``e`` = optimizer steps done / steps per epoch
-(a fractional epoch), the learning rate of the next update is ``lr * e / warmup_epochs`` during warmup, then
-a half-cycle cosine from ``lr`` down to ``min_lr`` at ``epochs``. Like Lumina, the very first update runs
-at learning rate 0. The schedule is a pure function of the step, so resuming needs no scheduler state.
+Schedule (Lumina's ``adjust_learning_rate_epoch``, xllmx/util/lr_sched.py): at a fractional epoch ``e`` the
+learning rate is ``lr * e / warmup_epochs`` during warmup, then a half-cycle cosine from ``lr`` down to
+``min_lr`` at ``epochs``. Lumina evaluates it at the last micro-batch of each accumulation window
+(``data_iter_step / len(dataloader) + epoch``, on the accumulation boundary), so the update of optimizer
+step ``s`` (0-based) runs at ``e = (s * accum_iter + accum_iter - 1) / (steps_per_epoch * accum_iter)``: with
+``accum_iter`` 1 the very first update runs at learning rate 0. The schedule is a pure function of the step,
+so resuming needs no scheduler state.
 
 Weight decay: Lumina decays every parameter; we leave norm weights and biases undecayed (the usual
 practice, asked for in our issue); ``--decay_norm_and_bias`` restores Lumina's behaviour.
@@ -19,8 +22,11 @@ from torch import nn
 BETAS = (0.9, 0.95)
 
 
-def lr_at(step: int, steps_per_epoch: int, *, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
-    epoch_f = step / steps_per_epoch
+def lr_at(step: int, steps_per_epoch: int, *, lr: float, min_lr: float, warmup_epochs: float, epochs: int,
+          accum_iter: int = 1) -> float:
+    """Learning rate of optimizer step ``step`` (0-based, counted over all epochs)."""
+    # Lumina's fractional epoch at the micro-batch that ends this step's accumulation window
+    epoch_f = (step * accum_iter + accum_iter - 1) / (steps_per_epoch * accum_iter)
     if epoch_f < warmup_epochs:
         return lr * epoch_f / warmup_epochs
     span = epochs - warmup_epochs
