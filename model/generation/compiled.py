@@ -7,7 +7,7 @@ one kernel per elementwise op. ``torch.compile`` turns the decoder into a few fu
 (transformers' ``StaticCache``: preallocated [rows, heads, L, head_dim] buffers written in place at a
 tensor-held position) keeps every step's shapes the same, so the step compiles once, and on CUDA the
 whole step can be replayed as one CUDA graph (``mode="reduce-overhead"``; on a CPU that mode has nothing
-to replay, so the default mode is used).
+to replay: the default mode, with Inductor's C++ wrapper around the kernels).
 
 Shapes. A step's graph depends on the number of rows R (samples, twice with CFG) and the cache length L.
 L is the request's need (longest prompt + new tokens) rounded up to a multiple of ``CACHE_BUCKET`` (and
@@ -63,10 +63,13 @@ class CompiledDecodeStep:
         self.config = config
         self.device = device
         self.max_positions = max_positions
-        # CUDA graphs (reduce-overhead) only where there is a GPU; on a CPU the default mode (fused C++ kernels)
+        # CUDA graphs (reduce-overhead) only where there is a GPU. On a CPU there is nothing to replay: fused C++
+        # kernels, and the graph's wrapper in C++ too (cpp_wrapper), which calls them without Python in between
+        # (measured here: about 20% less CPU time per token on the bench model, for ~30 s more compiling)
         self.mode = "reduce-overhead" if device.type == "cuda" else None
+        options = None if self.mode else {"cpp_wrapper": True}
         # dynamic=False: one static graph per (R, L) bucket instead of a symbolic one after the second shape
-        self._step = torch.compile(forward, mode=self.mode, dynamic=False)
+        self._step = torch.compile(forward, mode=self.mode, options=options, dynamic=False)
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self.failed: str | None = None
         self.compile_seconds = 0.0
@@ -105,7 +108,7 @@ class CompiledDecodeStep:
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         logger.info("compiled the decode step for %d rows and a %d-position static cache in %.1fs (mode %s; "
-                    "Inductor cache %s)", rows, length, dt, self.mode or "default", inductor_cache_dir())
+                    "Inductor cache %s)", rows, length, dt, self.mode or "default, C++ wrapper", inductor_cache_dir())
         cache.reset()
         self._caches[key] = cache
         return cache
