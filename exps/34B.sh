@@ -8,6 +8,7 @@
 #   DATA_CONFIG=my.yaml OUTPUT_DIR=output/34B-run2 bash exps/34B.sh --epochs 1   # extra flags win
 #   DRY_RUN=1 bash exps/34B.sh                                          # print the command, run nothing
 #   PLAN=1 NNODES=4 bash exps/34B.sh                                    # memory/compute plan, see exps/7B.sh
+#   COMPILE=1 srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/34B.sh   # compiled layers, see exps/7B.sh
 #
 # Model parallelism: Lumina runs 34B with --model_parallel_size 2 (fairscale tensor parallel). This trainer
 # has no tensor parallelism (mp > 1 is an error), so it runs mp 1: FSDP shards the 34B parameters, gradients

@@ -6,7 +6,10 @@
 #   DATA_CONFIG=my.yaml OUTPUT_DIR=output/7B-run2 bash exps/7B.sh --epochs 1   # extra flags win
 #   DRY_RUN=1 bash exps/7B.sh                                          # print the command, run nothing
 #   PLAN=1 NNODES=4 bash exps/7B.sh                                    # memory/compute plan for 4 x 8 GPUs
+#   COMPILE=1 srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/7B.sh   # each decoder layer torch.compile'd
 #
+# COMPILE=1 adds --compile (torchtitan's per-block compile: the first step compiles, later steps run fused
+# kernels; checkpoints and resume are the same as without; see bench/RESULTS.md for what it measured).
 # PLAN=1 prints finetune_solver.py --plan for these flags (no GPU, data or weights needed; DATA_CONFIG may be
 # unset) on WORLD_SIZE GPUs, default SLURM_NTASKS, else NNODES * NPROC_PER_NODE (1 x 8); GPU_MEMORY_GB
 # (80), GPU (H100) and MFU (0.4) set the verdict and the throughput; PLAN_JSON=1 prints one JSON object.
@@ -59,6 +62,7 @@ args=(
   --grad_precision fp32
 )
 if [[ -n "$INIT_FROM" ]]; then args+=(--init_from "$INIT_FROM"); fi
+if [[ -n "${COMPILE:-}" && "${COMPILE}" != 0 ]]; then args+=(--compile); fi
 if [[ -n "$DATA_CONFIG" ]]; then args+=(--data_config "$DATA_CONFIG"); fi
 
 if [[ -n "${PLAN:-}" ]]; then  # one process prints the plan for the whole cluster shape, then stops

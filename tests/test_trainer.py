@@ -266,8 +266,11 @@ def test_exps_scripts_pass_lumina_hyperparameters_that_the_solver_accepts(script
     assert (a.mask_image_logits, a.checkpointing, a.precision, a.grad_precision, a.data_parallel,
             a.model_parallel_size, a.max_steps) == (False, True, "bf16", "fp32", "fsdp", 1, 0)
     assert (a.init_from, a.data_config, a.output_dir) == (env["INIT_FROM"], env["DATA_CONFIG"], env["OUTPUT_DIR"])
+    assert a.compile is False
     tr = _script_argv(script, {**env, "LAUNCHER": "torchrun", "NPROC_PER_NODE": "4"})
     assert tr[0] == "torchrun" and tr[tr.index("--nproc_per_node") + 1] == "4" and "finetune_solver.py" in tr
+    assert finetune_solver.parse_args(_script_argv(script, {**env, "COMPILE": "1"})[3:]).compile is True
+    assert finetune_solver.parse_args(_script_argv(script, {**env, "COMPILE": "0"})[3:]).compile is False
 
 
 @pytest.mark.slow
