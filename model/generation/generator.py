@@ -42,6 +42,14 @@ sample receives the same tokens as its conditional row from ``<racm3:break>`` on
 (Lumina's separate forward); before that, and after the block, it is masked out, and when a new block
 starts its earlier cache entries are masked away (Lumina starts a new cache).
 
+Compiled (``compile=True``, ``generate.py --compile``): a static KV cache and a torch.compile'd decoder step,
+model/generation/compiled.py; the prefill, the head and the processors stay eager (tensor ops right after the
+compiled step), so compiled and eager runs pick the same tokens. What the processors will do with a step's
+logits is known from the rows' state before the forward (``_plan``): when every row that is not forced
+samples an image code, the head is computed over the code columns only (everything else would be masked to
+-inf anyway; 1/8 of Chameleon's 65536-entry head), and when every row is forced (row ends, ``<eoss>``) no
+head is computed at all.
+
 Randomness: each sample draws from its own ``torch.Generator`` seeded from (seed, prompt index, sample
 index), the same number of values at every step (an exponential race: argmax of p / E), so sample k of
 prompt i gets the same tokens whether it is generated alone or in a batch (batched matmuls round
