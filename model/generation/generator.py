@@ -184,6 +184,12 @@ class SpecialTokens:
         self.size_of: dict[int, int] = {i: n for n, i in self.size_id.items()}
 
 
+def race_noise(gen: torch.Generator, n: int, device: torch.device | str) -> torch.Tensor:
+    """n i.i.d. Exp(1) draws of the exponential race, as -log(U) of uniforms: 5x cheaper on a CPU than
+    ``Tensor.exponential_`` (39 vs 196 us for 10760 values, 1 thread), and drawn per sample every step."""
+    return torch.rand(n, generator=gen, device=device).log_().neg_()
+
+
 def block_len(h_units: int, w_units: int) -> int:
     """Tokens of an image block with sides of h_units / w_units x 32 px, <racm3:break> and <eoss> included."""
     return 3 + 2 * h_units * (2 * w_units + 1) + 1
@@ -635,7 +641,7 @@ class Generator:
         cfg_rows, code_rows, size_rows = plan.cfg_rows, plan.code_rows, plan.size_rows
         if plan.all_forced:  # every row forced (a row end, <eoss>): no processor changes the outcome
             for g in gens or ():
-                torch.empty(self.specials.vocab_size, device=self.device).exponential_(generator=g)  # keep streams aligned
+                race_noise(g, self.specials.vocab_size, self.device)  # keep streams aligned
             return forced
         if plan.codes_only:
             return self._pick_codes(logits, plan, B, st, gens)
@@ -660,7 +666,7 @@ class Generator:
         fidx = (forced >= 0).nonzero().flatten().tolist()
         if len(fidx) == B:  # (with an observer, which sees every step's logits) all rows forced
             for g in gens or ():
-                torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)  # keep streams aligned
+                race_noise(g, scores.shape[-1], scores.device)  # keep streams aligned
             return forced
         if fidx:  # Lumina's forcing: -inf everywhere but the forced token
             fi = torch.tensor(fidx, device=logits.device)
@@ -684,7 +690,7 @@ class Generator:
         # draws V numbers per step, forced or not, so its stream stays aligned however it is batched; and
         # a float-rounding change of the probabilities (another batch shape) flips a pick only at a near-tie
         # (inverse-CDF sampling would move across thousands of near-equal image-code probabilities)
-        noise = torch.stack([torch.empty(V, device=scores.device).exponential_(generator=g) for g in gens])
+        noise = torch.stack([race_noise(g, V, scores.device) for g in gens])
         return (scores.softmax(dim=-1) / noise).argmax(dim=-1).cpu()
 
     def _pick_codes(self, logits: torch.Tensor, plan: "_Plan", B: int, st: DecodeSettings,
@@ -705,7 +711,9 @@ class Generator:
         else:
             scores = cond
         C = scores.shape[-1]
-        kth = torch.topk(scores, min(st.image_top_k, C), dim=-1).values[:, -1:]
+        # the k-th largest by selection (kthvalue: 2.3x faster than topk here, the same value)
+        k = min(st.image_top_k, C)
+        kth = torch.kthvalue(scores, C - k + 1, dim=-1, keepdim=True).values
         scores = scores.masked_fill(scores < kth, -math.inf)
         forced = plan.forced.to(logits.device)
         if st.greedy:
@@ -719,7 +727,7 @@ class Generator:
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
         # every row draws its V numbers, as in _pick, and uses those of the code columns
         V = self.specials.vocab_size
-        noise = torch.stack([torch.empty(V, device=scores.device).exponential_(generator=g) for g in gens])
+        noise = torch.stack([race_noise(g, V, scores.device) for g in gens])
         picks = (scores.softmax(dim=-1) / noise[:, lo:lo + C]).argmax(dim=-1) + lo
         return torch.where(forced >= 0, forced, picks).cpu()
 
