@@ -56,7 +56,7 @@ from model.lumina_layout import choose_qk_norm_groups, lumina_export_problem, sa
 from model.training.lora import LoraError, apply_lora, flag_problems as lora_flag_problems, hf_to_model_state, merged_hf_state
 from model.training.dashboards import DashboardError, missing_packages, open_dashboards
 from model.training.evaluation import Evaluator
-from model.training.metrics import (MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
+from model.training.metrics import (EtaClock, MetricsWriter, TypeLoss, flops_per_token, format_console, peak_memory_mb,
                            reset_peak_memory, setup_logging, teardown_logging)
 from model.training.run_controls import SkipRanges, enable_determinism
 from model.training.lifecycle import Lifecycle, enable_nccl_flight_recorder, flag_problems as lifecycle_flag_problems
@@ -122,6 +122,9 @@ class TrainArgs:
     precision: str = _f("bf16", "compute dtype; use fp32 on CPU", choices=["fp32", "tf32", "bf16", "fp16"])
     grad_precision: str = _f("fp32", "dtype of the gradient reduction", choices=["fp32", "bf16", "fp16"])
     checkpointing: bool = _f(False, "activation checkpointing of every decoder layer", neg="--no_checkpointing")
+    compile: bool = _f(False, "torch.compile each decoder layer (per block, before FSDP wraps it; torchtitan's "
+                              "recipe): the first step compiles, later steps run fused kernels; same flags, "
+                              "checkpoints and resume as without", neg="--no_compile")
     dist_timeout: float = _f(1800.0, "seconds a collective may wait before failing (a dead rank stops the others)")
     # stop signals, time limit, hung ranks (model/training/lifecycle.py; README: On a cluster with time limits)
     exit_signals: str = _f("SIGTERM,SIGUSR1", "comma-separated signals that stop the run at the next optimizer-step "
@@ -560,7 +563,7 @@ def _build_model(a: TrainArgs, rank: int, world: int, device: torch.device, resu
     n_trainable = apply_trainable(lm, a.trainable, lora=a.lora_rank > 0)["trainable_params"]
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     parallelize(lm, mesh, data_parallel=a.data_parallel, precision=a.precision, grad_precision=a.grad_precision,
-                checkpointing=a.checkpointing)
+                checkpointing=a.checkpointing, compile=a.compile)
     lm.to_empty(device=device)
     lm.reset_nonpersistent_buffers(device)
     shard_row_masks(lm)
@@ -653,8 +656,8 @@ class _Saver:
 
 
 def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: int, global_step: int, spe: int,
-                   skip: SkipRanges, type_loss: TypeLoss, out: Path, world: int, device: torch.device,
-                   lc: Lifecycle) -> dict | None:
+                   skip: SkipRanges, type_loss: TypeLoss, eta: EtaClock, out: Path, world: int,
+                   device: torch.device, lc: Lifecycle) -> dict | None:
     """Consumes the next global batch and trains on it (or skips it, --skip_iterations); the metrics row of a
     trained step, None for a skipped one. ``lc`` hears which phase the step is in and that it finished."""
     lc.phase("data")
@@ -674,9 +677,11 @@ def _train_or_skip(a: TrainArgs, m: _Model, data, batches, *, epoch: int, it: in
     r = _checked_train_step(m.lm, m.optimizer, micro, a=a, device=device, lr=lr, out=out, where=where,
                             n_params_no_embed=m.n_params_no_embed, phase=lc.phase)
     lc.progress()
-    return {**_step_row(r, step=global_step + 1, epoch=epoch, it=it + 1, lr=lr, dt=time.perf_counter() - t0,
-                        t_data=t_data, world=world, device=device, batch_type=batch_type),
-            "trainable_params": m.n_trainable, **type_loss.update(batch_type, r["loss"])}
+    dt = time.perf_counter() - t0
+    return {**_step_row(r, step=global_step + 1, epoch=epoch, it=it + 1, lr=lr, dt=dt, t_data=t_data, world=world,
+                        device=device, batch_type=batch_type),
+            "trainable_params": m.n_trainable, **type_loss.update(batch_type, r["loss"]),
+            "eta": eta.update(global_step + 1, dt)}
 
 
 def _evaluate(evaluator: Evaluator | None, lm: ChameleonLM, row: dict | None, *, step: int, epoch: int, it: int,
@@ -728,6 +733,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device, lc: Lifecyc
     last_saved = global_step if resume is not None else -1
     spe = data.sampler.steps_per_epoch
     total_steps = a.epochs * spe
+    eta = EtaClock(min(total_steps, a.max_steps) if a.max_steps is not None else total_steps)
     stop = None
     logger.info("training from epoch %d, step %d of %d (%d steps per epoch)", start_epoch, global_step, total_steps, spe)
     if skip:
@@ -746,8 +752,8 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device, lc: Lifecyc
                 if stop := lc.should_stop(global_step):  # a signal, the time limit, --max_steps: all ranks agree
                     break
                 row = _train_or_skip(a, m, data, batches, epoch=epoch, it=it_in_epoch, global_step=global_step,
-                                     spe=spe, skip=skip, type_loss=type_loss, out=out, world=world, device=device,
-                                     lc=lc)
+                                     spe=spe, skip=skip, type_loss=type_loss, eta=eta, out=out, world=world,
+                                     device=device, lc=lc)
                 global_step += 1
                 it_in_epoch += 1
                 row = evaluate(evaluator, m.lm, row, step=global_step, epoch=epoch, it=it_in_epoch, spe=spe)

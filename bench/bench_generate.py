@@ -20,6 +20,11 @@ repetitions interleaved (ours, a, b, ours, a, b, ...), medians reported:
 Every method starts from the prompt with ``<racm3:break>`` and both size tokens appended and generates the
 rest of the block (codes, row ends, ``<eoss>``); "image tokens/s" counts those tokens. Then ours alone at
 several batch sizes (each sample with its CFG row): tokens/s summed over the batch.
+
+``--compile`` adds ``Generator(..., compile=True)`` (static KV cache, torch.compile'd decode step;
+model/generation/compiled.py) as a fourth method, interleaved with the others, and as a column of the batch
+table. Its compilation (one per batch size) happens in the warm-up, is printed on its own, and is not in
+the steady-state figures. "s/image" is the seconds one sample's image block takes at that rate.
 """
 
 from __future__ import annotations
@@ -184,6 +189,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the same code on a GPU)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (bf16 on GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure Generator(compile=True): static KV cache + compiled decode step")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_generate_"))
@@ -211,11 +218,19 @@ def measure(a, tmp: Path) -> None:
           f"{gen.config.vocab_size}; prompt {len(prompt)} tokens, {n_new} image tokens per sample ({w}x{h}); "
           f"cfg {a.cfg}; {a.device} {a.precision}, torch threads {a.threads}")
 
+    genc = Generator(gen.lm, gen.tokenizer, device=a.device, compile=True) if a.compile else None
     methods = {"ours (batched CFG, 1 forward/token)": lambda: run_ours(gen, prompt, n_new, a.cfg),
                "(a) transformers generate + Lumina processors": lambda: run_hf_generate(hf, sp, prompt, n_new, a.cfg),
                "(b) Lumina-style loop, 2 forwards/token": lambda: run_lumina_loop(hf, sp, prompt, n_new, a.cfg)}
-    for f in methods.values():  # warm-up
+    if genc is not None:
+        methods["ours --compile (static cache, compiled step)"] = lambda: run_ours(genc, prompt, n_new, a.cfg)
+    for name, f in methods.items():  # warm-up (and, for --compile, compilation)
+        t0 = time.perf_counter()
         f()
+        if "compile" in name:
+            print(f"--compile warm-up (compiling for 1 sample): {time.perf_counter() - t0:.1f} s, "
+                  f"of it compiling {genc.compiled.compile_seconds:.1f} s"
+                  + (f"; FAILED, eager: {genc.compiled.failed}" if genc.compiled.failed else ""))
     wall: dict[str, list[float]] = {k: [] for k in methods}
     cpu: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(a.reps):
@@ -226,30 +241,46 @@ def measure(a, tmp: Path) -> None:
     ours = "ours (batched CFG, 1 forward/token)"
     print(f"\nbatch 1 with CFG: image tokens per second of wall time and per second of this process's CPU time "
           f"(on a shared machine the CPU time is what the method itself costs); medians of {a.reps} interleaved runs")
-    print("| method | tokens/s (wall) | tokens/CPU-s | ours / method (wall) | ours / method (CPU) |")
-    print("|---|---|---|---|---|")
+    heads = ["ours"] + (["ours --compile"] if genc is not None else [])
+    keys = [ours] + ([k for k in methods if "compile" in k] if genc is not None else [])
+    # column order kept as before (bench/gpu_check.py reads cells 1 and 3); the --compile ratios and s/image after
+    print("| method | tokens/s (wall) | tokens/CPU-s | "
+          + " | ".join(f"{h} / method (wall) | {h} / method (CPU)" for h in heads) + " | s/image (wall) |")
+    print("|---|---|---|" + "---|---|" * len(heads) + "---|")
     for name in methods:
         mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
+        ratios = " | ".join(f"{statistics.median(wall[k]) / mw:.2f}x | {statistics.median(cpu[k]) / mc:.2f}x"
+                            for k in keys)
         print(f"| {name} | {mw:.1f} (runs {', '.join(f'{x:.1f}' for x in wall[name])}) | {mc:.1f} (runs "
-              f"{', '.join(f'{x:.1f}' for x in cpu[name])}) | {statistics.median(wall[ours]) / mw:.2f}x | "
-              f"{statistics.median(cpu[ours]) / mc:.2f}x |")
+              f"{', '.join(f'{x:.1f}' for x in cpu[name])}) | {ratios} | {n_new / mw:.2f} |")
 
     sizes = [int(x) for x in a.batch_sizes.split(",")]
-    scale: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
+    variants = {"eager": gen} | ({"compiled": genc} if genc is not None else {})
+    if genc is not None:
+        for b in sizes:  # compile each batch size outside the timed runs
+            c0 = genc.compiled.compile_seconds
+            run_ours(genc, prompt, n_new, a.cfg, batch=b)
+            print(f"--compile: batch {b} compiled in {genc.compiled.compile_seconds - c0:.1f} s")
+    scale: dict[tuple[str, int], list[tuple[float, float]]] = {(v, b): [] for v in variants for b in sizes}
     for _ in range(a.reps):
         for b in sizes:
-            n, w_s, c_s = timed(lambda: run_ours(gen, prompt, n_new, a.cfg, batch=b), a.device)
-            scale[b].append((n / w_s, n / c_s))
-    w1 = statistics.median(x[0] for x in scale[sizes[0]])
-    c1 = statistics.median(x[1] for x in scale[sizes[0]])
-    print("\nours, scaling with batch size (CFG on: 2 rows per sample), all samples' image tokens")
+            for v, g in variants.items():
+                n, w_s, c_s = timed(lambda: run_ours(g, prompt, n_new, a.cfg, batch=b), a.device)
+                scale[(v, b)].append((n / w_s, n / c_s))
     b0 = sizes[0]
-    print(f"| samples per batch | tokens/s (wall) | tokens/CPU-s | vs batch {b0} (wall) | vs batch {b0} (CPU) |")
-    print("|---|---|---|---|---|")
+    print(f"\nours, scaling with batch size (CFG on: 2 rows per sample), all samples' image tokens, medians of "
+          f"{a.reps} interleaved runs")
+    cols = " | ".join(f"{v} tokens/s (wall) | {v} tokens/CPU-s | {v} vs batch {b0} (CPU)" for v in variants)
+    print(f"| samples per batch | {cols} |" + (" compiled / eager (wall) | compiled / eager (CPU) |"
+                                               if genc is not None else ""))
+    print("|---|" + "---|---|---|" * len(variants) + ("---|---|" if genc is not None else ""))
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in scale.items()}
     for b in sizes:
-        mw = statistics.median(x[0] for x in scale[b])
-        mc = statistics.median(x[1] for x in scale[b])
-        print(f"| {b} | {mw:.1f} | {mc:.1f} | {mw / w1:.2f}x | {mc / c1:.2f}x |")
+        cells = " | ".join(f"{med[(v, b)][0]:.1f} | {med[(v, b)][1]:.1f} | {med[(v, b)][1] / med[(v, b0)][1]:.2f}x"
+                           for v in variants)
+        extra = (f" {med[('compiled', b)][0] / med[('eager', b)][0]:.2f}x | "
+                 f"{med[('compiled', b)][1] / med[('eager', b)][1]:.2f}x |" if genc is not None else "")
+        print(f"| {b} | {cells} |{extra}")
 
 
 if __name__ == "__main__":

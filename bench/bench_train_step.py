@@ -11,6 +11,10 @@ Same model (random init, copied into both), same batch (2 x 1024 random text tok
   counting and its all-reduce, chunked head + loss with image-logit masking, gradient clipping, the
   metric all-reduce, AdamW without decay on norms, exactly as in training (``--precision fp32``).
 
+``--compile``: instead, ours eager (in the "bare" slot) against ours with ``--compile`` (each decoder layer
+torch.compile'd, model/training/parallelize.py); the compiled model's first step (compilation) is timed
+apart and printed, not counted.
+
 Timings on a shared machine drift by +-20% over minutes, so the two alternate: each round times
 ``--steps`` steps of one then of the other (the order flips every round), after warmup; the figure is
 the median over rounds of (our tokens/s) / (bare tokens/s) within the round. Two clocks: wall time, and
@@ -82,38 +86,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--lumina_loss", action="store_true",
                    help="ours with Lumina 7B's loss settings (unmasked image logits, z-loss 1e-5, dropout 0.05)")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU): the same code on a GPU")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--precision of ours (bf16 on GPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="compare ours eager (baseline) with ours --compile instead of the bare loop")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=dev)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = tiny_config(a.vocab, a.hidden, a.layers, a.heads)
     torch.manual_seed(0)
     bare = ChameleonForConditionalGeneration(cfg)
     del bare.model.vqmodel
+    bare.to(dev)
     bare.train()
     n_params = sum(p.numel() for p in bare.parameters())
     bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4, betas=BETAS, weight_decay=0.0, foreach=True)
 
-    flags = ["--data_config", __file__, "--precision", "fp32"]
+    flags = ["--data_config", __file__, "--precision", a.precision]
     if a.lumina_loss:
         flags += ["--unmask_image_logits", "--z_loss_weight", "1e-5", "--dropout", "0.05"]
     args = fs.parse_args(flags)
-    lm = build_chameleon_lm(cfg, device="meta", mask_image_logits=args.mask_image_logits,
-                            z_loss_weight=args.z_loss_weight, dropout=args.dropout,
-                            loss_chunk_size=args.loss_chunk_size)
-    parallelize(lm, init_device_mesh("cpu", (1,)), data_parallel="fsdp", precision="fp32")
-    lm.to_empty(device="cpu")
-    lm.reset_nonpersistent_buffers("cpu")
-    set_model_state_dict(lm, {k: v for k, v in bare.state_dict().items()},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    lm.train()
-    opt = build_optimizer(lm, lr=1e-4, weight_decay=0.0)
+    mesh = init_device_mesh(dev.type, (1,))
+
+    def build(compile: bool):
+        lm = build_chameleon_lm(cfg, device="meta", mask_image_logits=args.mask_image_logits,
+                                z_loss_weight=args.z_loss_weight, dropout=args.dropout,
+                                loss_chunk_size=args.loss_chunk_size)
+        parallelize(lm, mesh, data_parallel="fsdp", precision=a.precision, compile=compile)
+        lm.to_empty(device=dev)
+        lm.reset_nonpersistent_buffers(dev)
+        set_model_state_dict(lm, {k: v for k, v in bare.state_dict().items()},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        lm.train()
+        return lm, build_optimizer(lm, lr=1e-4, weight_decay=0.0)
+
+    lm, opt = build(a.compile)
     _, n_no_embed = fs._count_params(lm)
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(8196, a.vocab, (a.batch, a.seq), generator=g)
+    ids = torch.randint(8196, a.vocab, (a.batch, a.seq), generator=g).to(dev)
     batch = {"input_ids": ids, "labels": ids.clone(), "n_real_tokens": torch.tensor(ids.numel())}
     tokens = ids.numel()
 
@@ -124,13 +142,30 @@ def main(argv: list[str] | None = None) -> None:
         bare_opt.zero_grad(set_to_none=True)
 
     def our_step():
-        fs.train_step(lm, opt, [batch], a=args, device=torch.device("cpu"), lr=1e-4, n_params_no_embed=n_no_embed)
+        fs.train_step(lm, opt, [batch], a=args, device=dev, lr=1e-4, n_params_no_embed=n_no_embed)
+
+    names = ("bare", "ours")
+    if a.compile:  # the baseline slot runs ours eager
+        lm_e, opt_e = build(False)
+        del bare, bare_opt
+
+        def bare_step():
+            fs.train_step(lm_e, opt_e, [batch], a=args, device=dev, lr=1e-4,
+                          n_params_no_embed=n_no_embed)
+        names = ("eager", "compiled")
+        t0 = time.perf_counter()
+        our_step()
+        print(f"compiled model's first step (compiling): {time.perf_counter() - t0:.1f} s", flush=True)
 
     def timed(fn) -> tuple[float, float]:
         """(tokens per wall second, tokens per CPU second of this process)."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a.steps):
             fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return a.steps * tokens / (time.perf_counter() - w0), a.steps * tokens / (time.process_time() - c0)
 
     for _ in range(a.warmup):
@@ -143,16 +178,24 @@ def main(argv: list[str] | None = None) -> None:
         else:
             o, b = timed(our_step), timed(bare_step)
         rows.append((b, o))
-        print(f"round {r}: wall: bare {b[0]:.0f} tok/s, ours {o[0]:.0f} tok/s, ratio {o[0] / b[0]:.3f}; "
-              f"cpu: bare {b[1]:.0f}, ours {o[1]:.0f}, ratio {o[1] / b[1]:.3f}", flush=True)
+        print(f"round {r}: wall: {names[0]} {b[0]:.0f} tok/s, {names[1]} {o[0]:.0f} tok/s, ratio {o[0] / b[0]:.3f}; "
+              f"cpu: {names[0]} {b[1]:.0f}, {names[1]} {o[1]:.0f}, ratio {o[1] / b[1]:.3f}", flush=True)
     print(f"model {n_params / 1e6:.2f}M parameters (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}), "
-          f"batch {a.batch}x{a.seq}, fp32, {torch.get_num_threads()} threads, loss settings: "
+          f"batch {a.batch}x{a.seq}, {a.device} {a.precision}, {torch.get_num_threads()} threads, loss settings: "
           f"{'Lumina 7B' if a.lumina_loss else 'defaults'}")
     for i, clock in enumerate(("wall", "cpu")):
         ratios = [o[i] / b[i] for b, o in rows]
-        print(f"{clock} clock: median bare {statistics.median(b[i] for b, _ in rows):.0f} tok/s, ours "
+        print(f"{clock} clock: median {names[0]} {statistics.median(b[i] for b, _ in rows):.0f} tok/s, {names[1]} "
               f"{statistics.median(o[i] for _, o in rows):.0f} tok/s, median ratio {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    if dev.type == "cuda":  # model FLOPs utilisation of each variant's median wall rate (the trainer's formula)
+        from model.training.metrics import flops_per_token
+        from model.training.planner import GPUS
+        name = torch.cuda.get_device_name()
+        peak = GPUS[next((g for g in ("H200", "H100", "A100") if g in name), "H100")][a.precision]
+        fpt = flops_per_token(n_no_embed, a.layers, a.hidden, a.seq)
+        print(f"MFU ({name}): {names[0]} {statistics.median(b[0] for b, _ in rows) * fpt / peak:.3f}, {names[1]} "
+              f"{statistics.median(o[0] for _, o in rows) * fpt / peak:.3f}")
     dist.destroy_process_group()
 
 

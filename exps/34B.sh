@@ -9,6 +9,7 @@
 #   DRY_RUN=1 bash exps/34B.sh                                          # print the command, run nothing
 #   PLAN=1 NNODES=4 bash exps/34B.sh                                    # memory/compute plan, see exps/7B.sh
 #   EXIT_DURATION_IN_MINS=1410 srun ... bash exps/34B.sh               # checkpoint and exit 75 after 23.5 h
+#   COMPILE=1 srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/34B.sh   # compiled layers, see exps/7B.sh
 #
 # Model parallelism: Lumina runs 34B with --model_parallel_size 2 (fairscale tensor parallel). This trainer
 # has no tensor parallelism (mp > 1 is an error), so it runs mp 1: FSDP shards the 34B parameters, gradients

@@ -13,7 +13,10 @@
 # (requeue on it); EXIT_DURATION_IN_MINS stops it the same way after that many minutes. srun signals every
 # process of the step, so this shell waits for the trainer and tee ignores the signal (the log stays whole);
 # torchrun's agent ignores SIGUSR1 (its workers get it from SLURM) and forwards SIGTERM.
+#   COMPILE=1 srun -n32 --ntasks-per-node=8 --gres=gpu:8 bash exps/7B.sh   # each decoder layer torch.compile'd
 #
+# COMPILE=1 adds --compile (torchtitan's per-block compile: the first step compiles, later steps run fused
+# kernels; checkpoints and resume are the same as without; see bench/RESULTS.md for what it measured).
 # PLAN=1 prints finetune_solver.py --plan for these flags (no GPU, data or weights needed; DATA_CONFIG may be
 # unset) on WORLD_SIZE GPUs, default SLURM_NTASKS, else NNODES * NPROC_PER_NODE (1 x 8); GPU_MEMORY_GB
 # (80), GPU (H100) and MFU (0.4) set the verdict and the throughput; PLAN_JSON=1 prints one JSON object.
@@ -67,6 +70,7 @@ args=(
 )
 if [[ -n "$INIT_FROM" ]]; then args+=(--init_from "$INIT_FROM"); fi
 if [[ -n "${EXIT_DURATION_IN_MINS:-}" ]]; then args+=(--exit_duration_in_mins "$EXIT_DURATION_IN_MINS"); fi
+if [[ -n "${COMPILE:-}" && "${COMPILE}" != 0 ]]; then args+=(--compile); fi
 if [[ -n "$DATA_CONFIG" ]]; then args+=(--data_config "$DATA_CONFIG"); fi
 
 if [[ -n "${PLAN:-}" ]]; then  # one process prints the plan for the whole cluster shape, then stops

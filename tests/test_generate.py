@@ -279,6 +279,65 @@ def test_cli_refuses_a_bundle_without_vqgan_and_a_finished_conversation(tiny_mod
 
 
 # ----------------------------------------------------------------------------------------------------------
+# compiled decoding (static KV cache, torch.compile'd step): one compile for the whole test module
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens_greedy_and_sampled_and_repeats_with_the_seed(gen, caplog):
+    compiled = Generator(gen.lm, gen.tokenizer, device="cpu", compile=True)
+    kw = dict(resolution=(64, 32), cfg=4.0)
+    with caplog.at_level("INFO", logger="model.generation.compiled"):
+        greedy_c = compiled.generate_images(PROMPTS, greedy=True, **kw)
+    assert compiled.compiled.failed is None and compiled.compiled.compile_seconds > 0
+    assert "compiled the decode step for 4 rows" in caplog.text  # 2 samples + their unconditional rows
+    assert [g.tokens for g in greedy_c] == [g.tokens for g in gen.generate_images(PROMPTS, greedy=True, **kw)]
+    sampled_c = compiled.generate_images(PROMPTS, seed=11, **kw)
+    assert [g.tokens for g in compiled.generate_images(PROMPTS, seed=11, **kw)] == [g.tokens for g in sampled_c]
+    assert [g.tokens for g in sampled_c] == [g.tokens for g in gen.generate_images(PROMPTS, seed=11, **kw)]
+    assert [g.tokens for g in sampled_c] != [g.tokens for g in greedy_c]
+    # a short last batch is padded to the batch's shape: 3 samples in batches of 2 compile nothing new
+    before = compiled.compiled.compile_seconds
+    three = compiled.generate_images(PROMPTS + ["a cat"], seed=11, batch_size=2, **kw)
+    assert compiled.compiled.compile_seconds == before and len(three) == 3
+    assert [g.tokens for g in three[:2]] == [g.tokens for g in sampled_c]
+
+
+def test_compile_that_cannot_work_falls_back_to_eager_with_one_warning(gen, monkeypatch, caplog):
+    import model.generation.compiled as compiled_mod
+
+    def broken(fn, **kw):  # what a machine without a C++ compiler gets from Inductor, at the first call
+        def call(*a, **k):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmore lines")
+        return call
+    monkeypatch.setattr(compiled_mod.torch, "compile", broken)
+    g = Generator(gen.lm, gen.tokenizer, device="cpu", compile=True)
+    with caplog.at_level("WARNING"):
+        out = g.generate_images(PROMPTS, resolution=(32, 32), greedy=True)
+        again = g.generate_images(PROMPTS, resolution=(32, 32), greedy=True)
+    warnings_ = [r for r in caplog.records if "--compile" in r.getMessage()]
+    assert len(warnings_) == 1 and "decoding eagerly" in warnings_[0].getMessage()
+    assert "\n" not in warnings_[0].getMessage()
+    eager = gen.generate_images(PROMPTS, resolution=(32, 32), greedy=True)
+    assert [x.tokens for x in out] == [x.tokens for x in again] == [x.tokens for x in eager]
+
+
+def test_compile_of_a_sharded_model_is_refused_with_a_warning(gen, caplog):
+    class Sharded(torch.nn.Module):  # stands in for an FSDP2 module: what the Generator checks is unshard()
+        def __init__(self, lm):
+            super().__init__()
+            self.config, self.model, self.lm_head = lm.config, lm.model, lm.lm_head
+
+        def unshard(self):
+            pass
+
+        def reshard(self):
+            pass
+    with caplog.at_level("WARNING"):
+        g = Generator(Sharded(gen.lm), gen.tokenizer, device="cpu", compile=True)
+    assert g.compiled is None and "sharded model" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the CLI
 
 
@@ -295,6 +354,16 @@ def test_cli_writes_pngs_generations_jsonl_and_a_contact_sheet(tiny_model, tiny_
         assert r["settings"]["cfg"] == 4.0 and r["settings"]["resolution"] == "64x32" and r["tokens"][0] == 8197
         assert r["prompt"] in ("a red square", "a blue dot") and r["prompt_tokens"][0] == 0
     assert Image.open(out / "contact_sheet.png").size[0] > 64
+
+
+def test_cli_shows_a_progress_bar_and_no_progress_turns_it_off(tiny_model, tiny_bundle, tmp_path, capsys):
+    base = ["--model", str(tiny_model), "--tokenizer_dir", str(tiny_bundle), "--prompt", "a red square", "--n", "3",
+            "--batch_size", "2", "--resolution", "32x32", "--device", "cpu", "--precision", "fp32"]
+    assert generate.main(base + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "generate: 100%" in err and "3/3" in err and "sample" in err
+    assert generate.main(base + ["--out", str(tmp_path / "b"), "--no_progress"]) == 0
+    assert "generate:" not in capsys.readouterr().err
 
 
 def test_cli_answers_lumina_items_with_images_in(tiny_model, tiny_bundle, tmp_path):
@@ -316,7 +385,8 @@ def test_cli_help_explains_every_flag():
     text = generate.build_parser().format_help()
     for flag in ("--model", "--tokenizer_dir", "--prompt", "--prompts_file", "--conversations", "--resolution", "--cfg",
                  "--image_top_k", "--text_top_k", "--temperature", "--top_p", "--seed", "--max_new_tokens", "--greedy",
-                 "--no_greedy", "--n", "--batch_size", "--precision", "--device", "--template", "--out"):
+                 "--no_greedy", "--n", "--batch_size", "--precision", "--device", "--template", "--out", "--compile",
+                 "--no_compile", "--progress", "--no_progress"):
         assert flag in text
     for action in generate.build_parser()._actions:
         assert action.help, action.dest

@@ -157,6 +157,17 @@ def test_plan_json_has_the_documented_keys_and_needs_no_data_config(tiny_model, 
     assert c["step_time_s"] == pytest.approx(c["model_flops_per_step"] / 4 / (989e12 * 0.4))
 
 
+def test_plan_with_compile_says_so_and_plans_the_same_memory_and_flops(tiny_model, capsys):
+    flags = ("--init_from", str(tiny_model), "--world_size", "2", "--batch_size", "2", "--max_seq_len", "512")
+    eager = json.loads(_plan(capsys, *flags, "--json"))
+    compiled = json.loads(_plan(capsys, *flags, "--compile", "--json"))
+    assert compiled["compile"]["on"] is True and eager["compile"]["on"] is False
+    assert compiled["compile"]["memory_change_bytes"] == 0 and "measure" in compiled["compile"]["note"]
+    assert compiled["per_rank_bytes"] == eager["per_rank_bytes"] and compiled["compute"] == eager["compute"]
+    text = _plan(capsys, *flags, "--compile")
+    assert "compiled layers on" in text and "planned memory and FLOPs are those without it" in text
+
+
 def test_plan_that_does_not_fit_suggests_checkpointing_and_a_smaller_batch(tiny_model, capsys):
     flags = ["--init_from", str(tiny_model), "--world_size", "8", "--batch_size", "8", "--accum_iter", "1",
              "--max_seq_len", "1024", "--precision", "fp32", "--gpu", "A100", "--json"]

@@ -39,12 +39,12 @@ def base_flags(assets, out: Path, *extra: str) -> list[str]:
             "--z_loss_weight", "1e-3", "--epochs", "1", *extra]
 
 
-def solve(assets, out: Path, *extra: str, nproc: int = 1, check: bool = True) -> int:
+def solve(assets, out: Path, *extra: str, nproc: int = 1, check: bool = True, timeout: float = TIMEOUT) -> int:
     """One run: torchrun subprocess for nproc > 1; in this process for one rank (saves ~5 s of imports per
     run; main() tears down its process group and log handlers)."""
     flags = base_flags(assets, out, *extra)
     if nproc > 1:
-        return run(torchrun(nproc, ["finetune_solver.py", *flags]), timeout=TIMEOUT, check=check).returncode
+        return run(torchrun(nproc, ["finetune_solver.py", *flags]), timeout=timeout, check=check).returncode
     assert not dist.is_initialized()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): 2 cores are shared
@@ -99,6 +99,22 @@ def test_loss_decreases_on_a_learnable_data_set(run_1rank):
     for r in m.values():
         assert abs(r["loss"] - (r["closs"] + 1e-3 * r["z_loss"])) < 1e-9
         assert r["tokens_per_sec"] > 0 and r["tflops"] > 0 and r["memory"] > 0
+    assert m[8]["eta"] == 0 and m[4]["eta"] > 0  # 8 steps in all: none left after the last
+    assert " ETA " in (run_1rank / "common.log").read_text()
+
+
+def test_eta_is_the_median_of_recent_step_times_times_the_steps_left():
+    from model.training.metrics import EtaClock, format_console, format_duration
+    clock = EtaClock(end_step=10, window=3)
+    assert clock.update(1, 100.0) == 900.0  # one step known: it is the estimate
+    clock.update(2, 1.0)
+    assert clock.update(3, 2.0) == 2.0 * 7  # the median drops the first step's compile/warm-up time
+    assert clock.update(4, 1.0) == 1.0 * 6  # window 3: 2.0, 1.0, 1.0
+    assert clock.update(12, 1.0) == 0.0
+    assert [format_duration(x) for x in (12, 247, 11100, 93600)] == ["12s", "4m07s", "3h05m", "1d02h"]
+    row = {"epoch": 0, "iter": 1, "step": 1, "loss": 1.0, "closs": 1.0, "z_loss": 0.0, "lr": 0.1, "grad_norm": 1.0,
+           "tokens_per_sec": 1.0, "tflops": 0.0, "time": 1.0, "data_time": 0.0, "memory": 1.0, "eta": 247.0}
+    assert format_console(row, 10).endswith("ETA 4m07s")
 
 
 @pytest.mark.slow
@@ -264,8 +280,11 @@ def test_exps_scripts_pass_lumina_hyperparameters_that_the_solver_accepts(script
     assert (a.mask_image_logits, a.checkpointing, a.precision, a.grad_precision, a.data_parallel,
             a.model_parallel_size, a.max_steps) == (False, True, "bf16", "fp32", "fsdp", 1, 0)
     assert (a.init_from, a.data_config, a.output_dir) == (env["INIT_FROM"], env["DATA_CONFIG"], env["OUTPUT_DIR"])
+    assert a.compile is False
     tr = _script_argv(script, {**env, "LAUNCHER": "torchrun", "NPROC_PER_NODE": "4"})
     assert tr[0] == "torchrun" and tr[tr.index("--nproc_per_node") + 1] == "4" and "finetune_solver.py" in tr
+    assert finetune_solver.parse_args(_script_argv(script, {**env, "COMPILE": "1"})[3:]).compile is True
+    assert finetune_solver.parse_args(_script_argv(script, {**env, "COMPILE": "0"})[3:]).compile is False
 
 
 @pytest.mark.slow
@@ -312,3 +331,29 @@ def test_flags_have_help_pairs_and_clear_errors(assets, capsys):
     a = finetune_solver.parse_args(["--data_config", str(assets["data"]), "--no_auto_resume", "--unmask_image_logits",
                                     "--disable_length_clustering", "--no_pin_mem"])
     assert (a.auto_resume, a.mask_image_logits, a.length_clustering, a.pin_mem) == (False, False, False, False)
+
+
+# LoRA on two projections, a --trainable subset beside it, activation checkpointing and packing: every path
+# a compiled layer has to carry. No dropout: the first step is compared with eager (Inductor draws its own
+# random numbers, so masks would differ from eager's, though a compiled run resumes with its own exactly).
+COMPILE_TIMEOUT = 600  # compiling a layer's forward and backward takes 1-2 minutes on 2 busy cores
+COMPILE_FLAGS = ("--batch_size", "2", "--accum_iter", "1", "--save_iteration_interval", "2", "--checkpointing",
+                 "--packing", "--lora_rank", "4", "--lora_targets", "q_proj,v_proj", "--trainable", "norms")
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager_first_step_and_resume_bitwise_on_two_ranks(assets, tmp_path):
+    whole, resumed, eager = tmp_path / "whole", tmp_path / "resumed", tmp_path / "eager"
+    solve(assets, whole, *COMPILE_FLAGS, "--compile", "--max_steps", "4", nproc=2,
+          timeout=COMPILE_TIMEOUT)
+    assert "compiled layers on" in (whole / "common.log").read_text()
+    # a run stopped at step 2 has written exactly whole/epoch0-iter2 (same steps, same checkpoint)
+    solve(assets, resumed, *COMPILE_FLAGS, "--compile", "--max_steps", "4", "--resume_path",
+          str(whole / "epoch0-iter2"), nproc=2, timeout=COMPILE_TIMEOUT)
+    solve(assets, eager, *COMPILE_FLAGS, "--max_steps", "1", nproc=2)
+    w, r, e = metrics(whole), metrics(resumed), metrics(eager)
+    assert sorted(r) == [3, 4]
+    for s in r:  # bitwise: same kernels (one dynamic-shape graph), same batches, same optimizer state
+        assert r[s]["loss"] == w[s]["loss"] and r[s]["grad_norm"] == w[s]["grad_norm"], s
+    assert w[1]["loss"] == pytest.approx(e[1]["loss"], rel=1e-6)
+    assert w[1]["grad_norm"] == pytest.approx(e[1]["grad_norm"], rel=1e-4)

@@ -2,6 +2,7 @@
 
     generator.py  Generator: loads a model and bundle, decodes images and text (generate.py, the trainer's
                   samples and the benchmarks all use it)
+    compiled.py   the compiled decode step over a static KV cache (Generator(compile=True), --compile)
     prompts.py    prompts built by the item processor, token-identical to training sequences; the
                   text-to-image template; GenerationInputError
     samples.py    generation outputs on disk (images, generations.jsonl, contact sheet) and the samples the

@@ -21,6 +21,9 @@ so a step may appear twice and the last line wins):
                     peak since it started, and a warning at the first step says so
     tokens          labelled tokens in the global batch (the loss denominator)
     trainable_params  parameters that train (--trainable / --lora_rank; rows count for row-level presets)
+    eta             seconds left to the end of the run (--epochs, or --max_steps if sooner): the median time of
+                    the last 20 trained steps times the steps left (the median ignores the first step's
+                    compilation with --compile, and evaluation or checkpoint pauses)
     type            the data-config ``type`` of the step's global batch (a global batch holds one type)
     loss/{type}     running loss of that type: the mean of ``loss`` over the last --type_loss_window
                     trained steps of this type (this step included; windowed, not exponential). In a mixed
@@ -165,9 +168,39 @@ class TypeLoss:
         self.recent = {str(t): [float(x) for x in v][-self.window:] for t, v in sd.get("recent", {}).items()}
 
 
+class EtaClock:
+    """Time left to ``end_step`` from the recent step times (the ``eta`` of metrics.jsonl)."""
+
+    def __init__(self, end_step: int, window: int = 20):
+        self.end_step = int(end_step)
+        self.window = int(window)
+        self.recent: list[float] = []
+
+    def update(self, step: int, seconds: float) -> float:
+        """Adds the time of trained step ``step`` (1-based); returns the seconds left after it."""
+        self.recent.append(float(seconds))
+        del self.recent[:-self.window]
+        r = sorted(self.recent)
+        return r[len(r) // 2] * max(self.end_step - step, 0)
+
+
+def format_duration(seconds: float) -> str:
+    """1d02h, 3h05m, 4m07s, 12s."""
+    s = int(round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def format_console(row: dict, steps_total: int) -> str:
+    eta = f"  ETA {format_duration(row['eta'])}" if "eta" in row else ""
     return (f"epoch {row['epoch']} iter {row['iter']} step {row['step']}/{steps_total}  loss {row['loss']:.4f}  "
             f"closs {row['closs']:.4f}  z_loss {row['z_loss']:.3f}  lr {row['lr']:.3e}  "
             f"grad_norm {row['grad_norm']:.3f}  {row['tokens_per_sec']:.0f} tok/s/rank  "
             f"{row['tflops']:.3f} TFLOP/s/rank  time {row['time']:.3f}s (data {row['data_time']:.3f}s)  "
-            f"mem {row['memory']:.0f}MB")
+            f"mem {row['memory']:.0f}MB{eta}")
