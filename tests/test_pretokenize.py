@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kill_helper import kill_at_lines
 from tar_helper import write_tar
 from PIL import Image
 
@@ -192,19 +193,7 @@ def test_kill9_mid_run_then_rerun_gives_byte_identical_output(long_input, tiny_b
            "--tokenizer_dir", str(tiny_bundle), "--target_size", TARGET, "--no_progress", "--num_workers", "1",
            "--batch_size", "4", "--commit_items", "1", "--threads", "1"]
     rec = out / "0-of-1-record.jsonl"
-    killed_at = []
-    for wait_lines in (15, 120):
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and p.poll() is None:
-                if rec.exists() and rec.read_bytes().count(b"\n") >= wait_lines:
-                    break
-                time.sleep(0.005)
-        finally:
-            p.kill()  # SIGKILL: no cleanup in the process; its worker must die with it (else the lock stays)
-            p.wait(timeout=30)
-        killed_at.append(rec.read_bytes().count(b"\n"))
+    killed_at = kill_at_lines(cmd, REPO, rec, (15, 120))
     assert not (out / "0-of-1-done.json").exists() and 0 < killed_at[0] < 300, killed_at
     # the re-run may also use other batch/worker settings: the output does not depend on them
     assert main(["--in_filename", str(long_input), "--out_dir", str(out), "--tokenizer_dir", str(tiny_bundle),

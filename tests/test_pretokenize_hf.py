@@ -7,14 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from kill_helper import kill_at_lines
 
 datasets = pytest.importorskip("datasets", reason="tests write data with the datasets package "
                                                   "(requirements-extras.txt)")
@@ -312,19 +311,7 @@ def test_kill9_mid_run_then_rerun_gives_byte_identical_output(tmp_path, tiny_bun
            "--tokenizer_dir", str(tiny_bundle), "--target_size", "64", "--no_progress", "--num_workers", "1",
            "--batch_size", "4", "--commit_items", "1", "--threads", "1"]
     rec = out / "0-of-1-record.jsonl"
-    killed_at = []
-    for wait_lines in (40, 150):
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and p.poll() is None:
-                if rec.exists() and rec.read_bytes().count(b"\n") >= wait_lines:
-                    break
-                time.sleep(0.005)
-        finally:
-            p.kill()
-            p.wait(timeout=30)
-        killed_at.append(rec.read_bytes().count(b"\n"))
+    killed_at = kill_at_lines(cmd, REPO, rec, (40, 150))
     assert not (out / "0-of-1-done.json").exists() and 0 < killed_at[0] < killed_at[1] < 270, killed_at
     assert main(["--in_filename", str(data), "--out_dir", str(out), "--tokenizer_dir", str(tiny_bundle),
                  "--target_size", "64", "--no_progress", "--num_workers", "2"]) == 0
