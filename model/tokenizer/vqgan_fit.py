@@ -10,10 +10,12 @@ unchanged. The recipe (van den Oord et al. 2017, "Neural Discrete Representation
 - loss = mean squared reconstruction error + ``|sg(z) - e|^2`` (codebook) + ``beta |z - sg(e)|^2``
   (commitment), with the straight-through estimator carrying the decoder's gradient past the argmin;
 - a plain autoencoder first (``warmup_frac`` of the steps), then the codebook starts from encoder outputs
-  (random latents of a few batches, with a little noise), and
-  codes no latent picked for ``restart_every`` steps are restarted at latents of the current batch, so
-  the codes the images use track the encoder as it moves. Codes that are never needed stay where they
-  are: a picture set of flat shapes uses a few hundred of the 8192, which keeps images short to learn.
+  (random latents of a few batches, with a little noise), and codes no latent picked for
+  ``restart_every`` steps are restarted at latents of the current batch, drawn by their quantization
+  error, so the codes track the encoder as it moves and go where pictures are served worst;
+- only ``codes_in_play`` codes (256) take part; the rest of the 8192 are set to repeat them at the end,
+  so encoding never picks them (argmin takes the first of equal distances) and a language model that
+  samples one still gets a patch of the pictures.
 
 No GAN and no perceptual loss: for flat colours and sharp edges the squared error is enough (bench/
 RESULTS.md has the PSNR this reaches on held-out demo pictures). Training runs on
@@ -57,6 +59,9 @@ class FitConfig:
     warmup_frac: float = 0.3
     """share of the steps trained as a plain autoencoder (no quantization) before the codebook is set from
     encoder outputs: the decoder learns much faster from continuous latents than through the argmin"""
+    codes_in_play: int = 256
+    """codes the fit uses (the others repeat them): the demo's flat shapes need a few hundred, and the fewer
+    distinct codes a picture type has, the easier its token sequences are for a language model to learn"""
     restart_every: int = 25
     """steps after which a code no latent picked is restarted at a latent of the current batch"""
     min_scale: float = 0.5
@@ -152,8 +157,9 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
     model.use_channels_last(True)  # on CPU the convolutions (forward and backward) run faster in NHWC
     codebook = model.quantize.embedding.weight
     n_embed = codebook.shape[0]
+    k = min(cfg.codes_in_play, n_embed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    last_used = torch.zeros(n_embed, dtype=torch.long)  # step at which each code was last picked
+    last_used = torch.zeros(k, dtype=torch.long)  # step at which each code was last picked
     recon_hist: list[float] = []
 
     def encode(x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +171,8 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
         with torch.no_grad():
             zs = torch.cat([encode(sampler.batch().contiguous(memory_format=torch.channels_last))
                             .permute(0, 2, 3, 1).reshape(-1, codebook.shape[1]) for _ in range(4)])
-            pick = torch.randint(len(zs), (n_embed,), generator=gen)
-            codebook.copy_(zs[pick] + 0.01 * zs.std() * torch.randn(codebook.shape, generator=gen))
+            pick = torch.randint(len(zs), (k,), generator=gen)
+            codebook[:k] = zs[pick] + 0.01 * zs.std() * torch.randn(k, zs.shape[1], generator=gen)
 
     bar = tqdm(range(1, cfg.steps + 1), desc="fit VQGAN", disable=not progress, mininterval=1.0)
     for step in bar:
@@ -191,7 +197,7 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
             continue
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         with torch.no_grad():
-            idx = _nearest(z_flat, codebook)
+            idx = _nearest(z_flat, codebook[:k])
         e = codebook[idx]
         codebook_loss = F.mse_loss(e, z_flat.detach())
         commit_loss = F.mse_loss(z_flat, e.detach())
@@ -206,15 +212,22 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
         recon_hist.append(recon.detach().item())
         if step % cfg.restart_every == 0 and step < cfg.steps * 0.9:
             with torch.no_grad():  # dead codes among the ones in play restart at this batch's latents
-                dead = ((last_used > 0) & (last_used <= step - cfg.restart_every)).nonzero().flatten()
+                dead = (last_used <= step - cfg.restart_every).nonzero().flatten()
                 if len(dead):
                     zf = z_flat.detach()
-                    src = torch.randint(len(zf), (len(dead),), generator=gen)
+                    # at latents drawn by their quantization error: new codes go where pictures are served
+                    # worst (edges), not into flat areas one code already covers
+                    err = ((zf - e.detach()) ** 2).sum(1) + 1e-12
+                    src = torch.multinomial(err, len(dead), replacement=True, generator=gen)
                     codebook[dead] = zf[src] + 0.01 * zf.std() * torch.randn(len(dead), c, generator=gen)
                     last_used[dead] = step  # give them a window to be picked
         if step % 10 == 0 or step == cfg.steps:
             in_use = int((last_used > max(0, step - cfg.restart_every)).sum())
             bar.set_postfix(recon=f"{np.mean(recon_hist[-10:]):.4f}", codes=in_use, refresh=False)
+    with torch.no_grad():  # the codes out of play repeat those in play: encoding picks the first of equals
+        # (argmin), and a language model that samples a repeat still gets a patch of the pictures
+        reps = -(-n_embed // k)
+        codebook[k:] = codebook[:k].repeat(reps, 1)[:n_embed - k]
     model.eval().requires_grad_(False).use_channels_last(False)
     used = int((last_used > max(0, cfg.steps - cfg.restart_every)).sum())
     report = FitReport(cfg.steps, float(np.mean(recon_hist[-20:])), used)
