@@ -27,6 +27,7 @@ OUT=${OUT:-output/demo}
 N_IMAGES=${N_IMAGES:-128}       # images in the synthetic set (each gives a caption and a t2i item)
 N_FRESH=${N_FRESH:-24}          # fresh pictures (another seed) the trained model is asked to caption
 FIT_STEPS=${FIT_STEPS:-400}     # steps fitting the bundle's VQGAN to the demo's pictures
+FIT_THREADS=${FIT_THREADS:-2}   # torch threads of the fit (the other stages run one per process)
 TARGET_SIZE=${TARGET_SIZE:-128} # image area budget for pre-tokenization (128 -> up to 8x8 codes)
 EPOCHS=${EPOCHS:-8}             # the lr schedule spans this many epochs (32 steps each with 128 images)
 STEPS=${STEPS:-240}             # optimizer steps in all; the run stops at STEPS/2 and resumes
@@ -54,8 +55,8 @@ say "2/6 tiny tokenizer bundle, its VQGAN fitted to the demo's pictures; tiny HF
 # the fit is seeded; a finished one (same images and steps) is kept when the demo runs again
 fit_stamp="images=$N_IMAGES steps=$FIT_STEPS"
 if [ "$(cat "$OUT/bundle/fit.stamp" 2>/dev/null)" != "$fit_stamp" ]; then
-  $PYTHON model/make_tiny_bundle.py --out "$OUT/bundle" --seed 0 --fit_images "$OUT/data/images" \
-    --fit_steps "$FIT_STEPS"
+  OMP_NUM_THREADS=$FIT_THREADS $PYTHON model/make_tiny_bundle.py --out "$OUT/bundle" --seed 0 \
+    --fit_images "$OUT/data/images" --fit_steps "$FIT_STEPS"  # the fit runs alone: all its threads
   echo "$fit_stamp" > "$OUT/bundle/fit.stamp"
 fi
 [ -f "$OUT/init_model/config.json" ] ||

@@ -1,4 +1,4 @@
-"""Fits a VQGAN to a folder of images with the plain VQ-VAE recipe, on CPU, in about a minute for a tiny one.
+"""Fits a VQGAN to a folder of images with the plain VQ-VAE recipe, on the CPU (minutes for the tiny one).
 
     python model/make_tiny_bundle.py --out B --fit_images DIR [--fit_steps N]    # the usual way in
     vq = fit_vqgan(build_tiny_vqgan(0), load_fit_images(DIR), FitConfig(steps=400))
@@ -17,9 +17,10 @@ unchanged. The recipe (van den Oord et al. 2017, "Neural Discrete Representation
   so encoding never picks them (argmin takes the first of equal distances) and a language model that
   samples one still gets a patch of the pictures.
 
-No GAN and no perceptual loss: for flat colours and sharp edges the squared error is enough (bench/
-RESULTS.md has the PSNR this reaches on held-out demo pictures). Training runs on
-whole images, at their size and smaller (see ``_ImageSampler`` for why not crops).
+No GAN and no perceptual loss: the squared error is the whole pixel loss. Training runs on whole images,
+at their size and smaller (see ``_ImageSampler`` for why not crops). bench/RESULTS.md has what this
+reaches on the demo's pictures (about 16 dB after the default 400 steps, colours still off) and why the
+tiny layout learns flat colour slowly.
 
 Seeded: the same images, config and seed give the same weights on the same machine and torch build.
 """
