@@ -13,8 +13,8 @@ The directory gets the three files of ``ckpts/chameleon/tokenizer/``:
 - ``vqgan.yaml`` / ``vqgan.ckpt``: a taming-transformers VQGAN with 16x downsampling and 8192 codes,
   seeded random weights (it tokenizes, it does not reconstruct), small enough to encode a 256x256 image
   in about 10 ms on one CPU core. With ``--fit_images DIR`` the VQGAN is then fitted to the pictures in DIR
-  (model/tokenizer/vqgan_fit.py: VQ-VAE losses, on CPU, about a minute for the demo's shapes), so it
-  reconstructs pictures like them; the file format and layout stay the same.
+  (model/tokenizer/vqgan_fit.py: VQ-VAE losses, on the CPU, ~200 CPU-s for the demo), so it
+  reconstructs pictures like them, roughly (bench/RESULTS.md); the file format and layout stay the same.
 
 The same arguments write byte-identical files (no timestamps; seeded generators only). A fitted VQGAN is
 seeded too, but float arithmetic across machines and torch builds may differ in the last bits.

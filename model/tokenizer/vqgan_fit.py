@@ -47,7 +47,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How a VQGAN is fitted; the defaults fit the tiny bundle's VQGAN to the demo's shapes in about a minute."""
+    """How a VQGAN is fitted; the defaults fit the tiny bundle's VQGAN to the demo's shapes (~200 CPU-s)."""
 
     steps: int = 400
     """optimizer steps (Adam)"""
