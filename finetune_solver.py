@@ -67,6 +67,7 @@ from model.training.trainable import (TRAINABLE_HELP, TrainableError, apply_trai
 from model.sharded_load import load_sharded_safetensors, sharded_loading_applies
 from model.training.planner import run_plan
 from model.generation.generator import GenerationInputError
+from model.generation.prompts import T2I_TEMPLATE
 from model.generation.samples import TrainingSamples, sample_flag_problems
 
 logger = logging.getLogger("finetune_solver")
@@ -203,6 +204,9 @@ class TrainArgs:
     sample_tokenizer_dir: str | None = _f(None, "tokenizer bundle for the samples (prompts, VQGAN decoding); "
                                                 "required with --sample_prompts")
     sample_resolution: str = _f("512x512", "WxH in pixels of text-to-image samples")
+    sample_template: str = _f(T2I_TEMPLATE.replace("\n", "\\n"),
+                              "template each text-to-image sample prompt is wrapped in, with {W}, {H}, {prompt} "
+                              "('\\n' is a newline); default Lumina's; use the form your t2i data is written in")
     sample_cfg: float = _f(4.0, "classifier-free guidance scale of text-to-image samples")
     sample_max_new_tokens: int = _f(256, "new tokens per answer sample")
 
@@ -727,7 +731,7 @@ def train(a: TrainArgs, rank: int, world: int, device: torch.device, lc: Lifecyc
                                           global_batch=global_batch))
     evaluate = lc.watch("evaluation", _evaluate)
     metrics = _open_metrics(a, out, rank, resumed_step=global_step if resume is not None else None)
-    samples = TrainingSamples.build(a, m.lm, rank, device)
+    samples = TrainingSamples.build(a, m.lm, rank, device, on_images=metrics.log_images)  # + to dashboards
     after_step, at_epoch_end = lc.watch("sampling", samples.after_step), lc.watch("sampling", samples.at_epoch_end)
     m.lm.train()
     last_saved = global_step if resume is not None else -1

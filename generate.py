@@ -43,8 +43,8 @@ from model.training.checkpointing import CheckpointError
 from model.training.flags import dataclass_parser, flag
 from model.generation.generator import (DTYPES, T2I_TEMPLATE, DecodeSettings, GenerationInputError, Generator, load_lm,
                              read_model_config)
-from model.generation.samples import (CONTACT_SHEET, GENERATIONS, image_name, parse_resolution, write_contact_sheet,
-                            write_generations)
+from model.generation.samples import (CONTACT_SHEET, GENERATIONS, image_name, parse_resolution, prompt_labels,
+                                     write_contact_sheet, write_generations)
 from model.tokenizer.bundle import ChameleonTokenizer
 from model.tokenizer.vqgan import BundleError
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d sample(s) from %d %s, %d per batch, on %s (%s)", len(requests),
                 len({r.prompt_index for r in requests}), "conversation(s)" if a.conversations else "prompt(s)",
                 a.batch_size, device, precision)
-    paths, t0, n_tokens = [], time.perf_counter(), 0
+    paths, labels, t0, n_tokens = [], [], time.perf_counter(), 0
     bar = GenerationProgress(len(requests), enabled=a.progress)
     for s in range(0, len(requests), a.batch_size):
         gens = gen.run(requests[s:s + a.batch_size], settings, batch_size=a.batch_size, progress=bar.tokens,
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.samples(len(gens))
         n_tokens += sum(len(g.tokens) for g in gens)
         paths += write_generations(gens, tokenizer, out, record)
+        labels += prompt_labels(gens)
         for g in gens:
             bar.write(f"prompt {g.prompt_index} sample {g.sample_index} ({g.stop}): "
                       + (", ".join(image_name(g, j) for j in range(len(g.image_codes))) or repr(g.text[:200])))
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if gen.compiled is not None and gen.compiled.compile_seconds:
         logger.info("of the %.1fs, compiling took %.1fs; decoding %.1f tokens/s after it", dt,
                     gen.compiled.compile_seconds, n_tokens / max(dt - gen.compiled.compile_seconds, 1e-9))
-    sheet = write_contact_sheet(paths, out / CONTACT_SHEET)
+    sheet = write_contact_sheet(paths, out / CONTACT_SHEET, labels=labels)
     logger.info("%d token(s) in %.1fs (%.1f tokens/s); %d image(s); %s%s", n_tokens, dt, n_tokens / max(dt, 1e-9),
                 len(paths), out / GENERATIONS, f", {sheet}" if sheet else "")
     print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "generations": str(out / GENERATIONS),

@@ -1,8 +1,10 @@
-"""exps/demo.sh, the whole pipeline, end to end with fewer images and steps (still 2 pre-tokenize ranks,
-2-process FSDP training with a stop and a resume, the loss check, plot, inspect and HF export)."""
+"""exps/demo.sh, the whole pipeline, end to end with fewer images and steps (a short VQGAN fit, still 2
+pre-tokenize ranks, 2-process FSDP training with samples, a stop and a resume, the loss check, plot, inspect
+and HF export, generation and the scorer with its floors at 0: too short a run to learn the shapes)."""
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OUT=str(out), N_IMAGES="32", STEPS="24", EPOCHS="4", LOSS_TARGET="8.0",
+               FIT_STEPS="8", N_FRESH="8", HIDDEN="128", LAYERS="2", T2I_RATIO="0.5", SAMPLE_EVERY="12",
+               MIN_COLOUR="0", MIN_SHAPE="0", MIN_BACKGROUND="0", MIN_CAPTIONS="0",
                PYTHON=str(Path(os.sys.executable)))
     env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env['PATH']}"  # torchrun of this venv
     proc = subprocess.run(["bash", "exps/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -37,7 +41,12 @@ def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     assert (out / "hf_model" / "config.json").exists()
     from transformers import ChameleonForConditionalGeneration
     ChameleonForConditionalGeneration.from_pretrained(out / "hf_model")
-    gen = out / "generated"  # the appended generate.py block: two images and one caption
-    assert (gen / "images" / "00000_0.png").is_file() and (gen / "images" / "00001_0.png").is_file()
-    assert (gen / "images" / "contact_sheet.png").is_file() and "generated/caption/" in log
-    assert len((gen / "caption" / "generations.jsonl").read_text().splitlines()) == 1
+    assert (out / "bundle" / "fit.stamp").read_text().strip() == "images=32 steps=8" and "fit VQGAN" in log
+    for step in (12, 24):  # training samples, with the prompts under the pictures
+        assert (out / "train" / "samples" / f"step{step}" / "contact_sheet.png").is_file()
+    gen = out / "generated"  # every colour x shape x background drawn, the 8 fresh pictures captioned
+    assert len(list((gen / "images").glob("000*_0.png"))) == 32 and (gen / "images" / "contact_sheet.png").is_file()
+    assert len((gen / "caption" / "generations.jsonl").read_text().splitlines()) == 8
+    assert re.search(r"text-to-image: colour \d+/32, shape \d+/32, background \d+/32; captions \d+/8 exact", log)
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["t2i"]["colour"]["total"] == 32 and scores["captions"]["total"] == 8

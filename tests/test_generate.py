@@ -446,7 +446,7 @@ def test_training_with_samples_has_the_same_losses_and_resumes_bitwise(train_ass
     a = train_assets
     sampling = (*SAMPLE_FLAGS, "--sample_prompts", str(a["prompts"]), "--sample_tokenizer_dir", str(a["bundle"]))
     solve(train_flags(a, tmp_path / "plain"))
-    solve(train_flags(a, tmp_path / "sampled", *sampling))
+    solve(train_flags(a, tmp_path / "sampled", *sampling, "--tensorboard"))  # samples go there as images too
     plain, sampled = losses(tmp_path / "plain"), losses(tmp_path / "sampled")
     assert sorted(plain) == list(range(1, 7)) and plain == sampled  # bitwise, dropout on
     for step in (2, 4, 6):
@@ -455,6 +455,13 @@ def test_training_with_samples_has_the_same_losses_and_resumes_bitwise(train_ass
         assert [r["prompt"] for r in rows] == ["a red square", "a blue dot"]
         assert Image.open(d / "00001_0.png").size == (64, 32) and (d / "contact_sheet.png").is_file()
     assert "samples in" in (tmp_path / "sampled" / "common.log").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(tmp_path / "sampled" / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    tb.Reload()
+    assert {"samples/0", "samples/1"} <= set(tb.Tags()["images"])
+    assert [e.step for e in tb.Images("samples/1")] == [2, 4, 6] and tb.Images("samples/1")[0].width == 64
+    prompt = tb.Tensors("samples/1/prompt/text_summary")[0]
+    assert prompt.tensor_proto.string_val[0] == b"a blue dot"
     # stop at step 3 (a checkpoint), resume with sampling on: the same losses again
     solve(train_flags(a, tmp_path / "resumed", *sampling, steps=3))
     solve(train_flags(a, tmp_path / "resumed", *sampling))

@@ -6,15 +6,18 @@ Owns two things:
    ``{out}/{i:05d}_{k}.png`` (image of prompt i, sample k; further images of one answer get ``-{j}``), decoded
    by the bundle's VQGAN; ``{out}/generations.jsonl``, one object per sample: prompt, text (``<|image|>``
    where an image stands), image files, prompt and generated token ids, seed, stop reason and all decoding
-   settings; ``{out}/contact_sheet.png``, every image of the run on one sheet.
+   settings; ``{out}/contact_sheet.png``, every image of the run on one sheet with its prompt under it.
 2. ``TrainingSamples``: ``--sample_prompts FILE --sample_every N`` of finetune_solver.py. Every N optimizer
    steps and at each epoch end, all ranks generate together from the FSDP-sharded weights (model/generation/generator.py
    keeps them in lock-step) and rank 0 writes ``{output_dir}/samples/step{N}/``. Sampling leaves training
    exactly as it was: the CPU and CUDA RNG states are saved and restored around it (the generator draws only
    from its own ``torch.Generator``s anyway), and the model's train/eval mode is restored, so the losses of a
    run with sampling equal those of a run without, and resume stays bitwise.
+   With ``--tensorboard`` / ``--wandb`` the pictures also go to the dashboards, with their prompts, through
+   the ``on_images`` callback the trainer passes (training never imports generation).
 
-The prompts file: ``.txt`` = text-to-image prompts, one per line (generated at ``--sample_resolution``);
+The prompts file: ``.txt`` = text-to-image prompts, one per line (wrapped in ``--sample_template``,
+generated at ``--sample_resolution``);
 ``.json`` / ``.jsonl`` = Lumina-format conversations ending with the human turn (answers generated).
 """
 
@@ -24,12 +27,12 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from model.training.checkpointing import capture_rng, restore_rng
 from model.generation.generator import DecodeSettings, Generation, Generator, GenerationInputError, Request
@@ -79,24 +82,51 @@ def write_generations(gens: Sequence[Generation], tokenizer: ChameleonTokenizer,
     return written
 
 
-def write_contact_sheet(paths: Sequence[Path], out_path: str | Path, cell: int = 256, gap: int = 4) -> Path | None:
-    """All images on one sheet (each scaled to fit a ``cell`` square, in order, about square), or None."""
+def write_contact_sheet(paths: Sequence[Path], out_path: str | Path, cell: int = 256, gap: int = 4,
+                        labels: Sequence[str] | None = None) -> Path | None:
+    """All images on one sheet (each scaled to fit a ``cell`` square, in order, about square), or None.
+
+    ``labels`` (one per image, e.g. its prompt) are written under the images, wrapped to the cell's width."""
     if not paths:
         return None
     ims = [Image.open(p).convert("RGB") for p in paths]
     side = min(cell, max(max(im.size) for im in ims))
     cols = int(np.ceil(np.sqrt(len(ims))))
     rows = int(np.ceil(len(ims) / cols))
-    sheet = Image.new("RGB", (cols * (side + gap) + gap, rows * (side + gap) + gap), "white")
+    font = ImageFont.load_default()
+    line_h = 12
+    wrapped = [_wrap(str(t), side, font) for t in labels] if labels else []
+    text_h = (max(len(w) for w in wrapped) * line_h + 2) if wrapped else 0
+    sheet = Image.new("RGB", (cols * (side + gap) + gap, rows * (side + text_h + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
     for n, im in enumerate(ims):
         im.thumbnail((side, side), Image.Resampling.NEAREST if max(im.size) < side else Image.Resampling.BICUBIC)
         if max(im.size) < side:  # tiny images: scale up so the sheet is readable
             s = side / max(im.size)
             im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.NEAREST)
         r, c = divmod(n, cols)
-        sheet.paste(im, (gap + c * (side + gap), gap + r * (side + gap)))
+        x, y = gap + c * (side + gap), gap + r * (side + text_h + gap)
+        sheet.paste(im, (x, y))
+        for k, line in enumerate(wrapped[n] if n < len(wrapped) else []):
+            draw.text((x, y + side + 1 + k * line_h), line, fill="black", font=font)
     sheet.save(out_path)
     return Path(out_path)
+
+
+def _wrap(text: str, width: int, font) -> list[str]:
+    """Words of ``text`` in lines no wider than ``width`` pixels in ``font``."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def prompt_labels(gens: Sequence[Generation]) -> list[str]:
+    """The prompt of each image of ``gens``, in the order write_generations writes the images."""
+    return [g.prompt for g in gens for _ in g.image_codes]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,6 +159,10 @@ def sample_flag_problems(a) -> list[str]:
         parse_resolution(a.sample_resolution, "--sample_resolution")
     except ValueError as e:
         bad.append(str(e))
+    try:
+        a.sample_template.replace("\\n", "\n").format(W=1, H=1, prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        bad.append(f"--sample_template {a.sample_template!r}: only {{W}}, {{H}} and {{prompt}} can be filled in ({e})")
     if not a.sample_cfg > 0:
         bad.append(f"--sample_cfg must be > 0 (got {a.sample_cfg})")
     if a.sample_max_new_tokens < 1:
@@ -152,16 +186,21 @@ class TrainingSamples:
 
     def __init__(self, generator: Generator | None = None, requests: list[Request] | None = None,
                  settings: DecodeSettings | None = None, output_dir: str | Path = ".", every: int = 0,
-                 rank: int = 0):
+                 rank: int = 0, on_images: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None):
         self.generator, self.requests, self.settings = generator, requests or [], settings
         self.output_dir, self.every, self.rank = Path(output_dir), every, rank
+        self.on_images = on_images
         self.last_step = -1
 
     @classmethod
-    def build(cls, a, lm, rank: int, device: torch.device) -> "TrainingSamples":
-        """See ``_build``; the global RNG streams are as before (building the VQGAN module draws from them)."""
+    def build(cls, a, lm, rank: int, device: torch.device,
+              on_images: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None) -> "TrainingSamples":
+        """See ``_build``; the global RNG streams are as before (building the VQGAN module draws from them).
+        ``on_images(step, [(prompt, image), ...])`` gets each round's pictures on rank 0 (the dashboards)."""
         with rng_preserved():
-            return cls._build(a, lm, rank, device)
+            samples = cls._build(a, lm, rank, device)
+        samples.on_images = on_images
+        return samples
 
     @classmethod
     def _build(cls, a, lm, rank: int, device: torch.device) -> "TrainingSamples":
@@ -184,7 +223,8 @@ class TrainingSamples:
                     reqs = gen.answer_requests(read_conversations(path), base_dir=path.parent)
                 else:
                     reqs = gen.image_requests(read_prompts_file(path),
-                                              parse_resolution(a.sample_resolution, "--sample_resolution"))
+                                              parse_resolution(a.sample_resolution, "--sample_resolution"),
+                                              template=a.sample_template.replace("\\n", "\n"))
             except (GenerationInputError, ValueError, OSError) as e:
                 reqs = GenerationInputError(f"--sample_prompts {a.sample_prompts}: {e}")
         box = [reqs]
@@ -221,12 +261,15 @@ class TrainingSamples:
             for p in out.iterdir():
                 p.unlink()
         paths = write_generations(gens, self.generator.tokenizer, out, {"step": step, **vars(self.settings)})
-        sheet = write_contact_sheet(paths, out / CONTACT_SHEET)
+        labels = prompt_labels(gens)
+        sheet = write_contact_sheet(paths, out / CONTACT_SHEET, labels=labels)
         logger.info("step %d: samples in %s (%d image(s)%s)", step, out, len(paths),
                     f", sheet {sheet}" if sheet else "")
         for g in gens:
             if not g.image_codes:
                 logger.info("  sample %d: %s", g.prompt_index, g.text[:200])
+        if self.on_images is not None and paths:
+            self.on_images(step, [(label, Image.open(p).convert("RGB")) for label, p in zip(labels, paths)])
         return out
 
 

@@ -2,6 +2,7 @@
 
     python model/make_tiny_bundle.py --out /tmp/tiny_bundle
     python model/make_tiny_bundle.py --out /tmp/tiny_bundle --seed 1 --num_merges 1500
+    python model/make_tiny_bundle.py --out /tmp/demo_bundle --fit_images output/demo/data/images --fit_steps 400
 
 The directory gets the three files of ``ckpts/chameleon/tokenizer/``:
 
@@ -11,14 +12,18 @@ The directory gets the three files of ``ckpts/chameleon/tokenizer/``:
   BPE (256 byte tokens and ``--num_merges`` merges trained on seeded English-like text).
 - ``vqgan.yaml`` / ``vqgan.ckpt``: a taming-transformers VQGAN with 16x downsampling and 8192 codes,
   seeded random weights (it tokenizes, it does not reconstruct), small enough to encode a 256x256 image
-  in about 10 ms on one CPU core.
+  in about 10 ms on one CPU core. With ``--fit_images DIR`` the VQGAN is then fitted to the pictures in DIR
+  (model/tokenizer/vqgan_fit.py: VQ-VAE losses, on the CPU, ~200 CPU-s for the demo), so it
+  reconstructs pictures like them, roughly (bench/RESULTS.md); the file format and layout stay the same.
 
-The same arguments write byte-identical files (no timestamps; seeded generators only).
+The same arguments write byte-identical files (no timestamps; seeded generators only). A fitted VQGAN is
+seeded too, but float arithmetic across machines and torch builds may differ in the last bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -31,6 +36,7 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from model.tokenizer.vqgan import VQGAN, VQGANConfig
+from model.tokenizer.vqgan_fit import FitConfig, fit_vqgan, load_fit_images
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +168,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def make_tiny_bundle(out: str | os.PathLike, seed: int = 0, num_merges: int = DEFAULT_NUM_MERGES) -> Path:
-    """Writes text_tokenizer.json, vqgan.yaml, vqgan.ckpt into ``out`` (created); returns the directory."""
+def make_tiny_bundle(out: str | os.PathLike, seed: int = 0, num_merges: int = DEFAULT_NUM_MERGES,
+                     fit_images: str | os.PathLike | None = None, fit: FitConfig | None = None,
+                     progress: bool = True) -> Path:
+    """Writes text_tokenizer.json, vqgan.yaml, vqgan.ckpt into ``out`` (created); returns the directory.
+
+    With ``fit_images`` (a folder of pictures) the VQGAN is fitted to them (``fit``, seeded by ``seed``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_text_tokenizer(seed, num_merges)
@@ -171,6 +181,9 @@ def make_tiny_bundle(out: str | os.PathLike, seed: int = 0, num_merges: int = DE
     _write_atomic(out / "vqgan.yaml",
                   yaml.safe_dump(TINY_VQGAN.to_yaml_dict(), sort_keys=False).encode("utf-8"))
     model = build_tiny_vqgan(seed)
+    if fit_images is not None:
+        fit = dataclasses.replace(fit or FitConfig(), seed=seed)
+        fit_vqgan(model, load_fit_images(fit_images), fit, progress=progress)
     buf = io.BytesIO()  # saving to a buffer keeps the zip's inner folder name independent of the path
     torch.save({"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}}, buf)
     _write_atomic(out / "vqgan.ckpt", buf.getvalue())
@@ -184,9 +197,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the text corpus, BPE and VQGAN weights")
     parser.add_argument("--num_merges", type=int, default=DEFAULT_NUM_MERGES,
                         help="number of BPE merges learned on top of the 256 byte tokens")
+    parser.add_argument("--fit_images", type=Path, default=None,
+                        help="fit the VQGAN to the pictures in this folder (png/jpg/webp/bmp, searched recursively) "
+                             "so that it reconstructs pictures like them; without it the VQGAN keeps random weights")
+    parser.add_argument("--fit_steps", type=int, default=FitConfig.steps,
+                        help=f"optimizer steps of the fit (default {FitConfig.steps}); more steps, sharper pictures")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar while fitting")
     args = parser.parse_args(argv)
+    if args.fit_steps < 1:
+        parser.error(f"--fit_steps must be >= 1 (got {args.fit_steps})")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_tiny_bundle(args.out, args.seed, args.num_merges)
+    try:
+        make_tiny_bundle(args.out, args.seed, args.num_merges, args.fit_images, FitConfig(steps=args.fit_steps),
+                         progress=not args.no_progress)
+    except FileNotFoundError as e:
+        parser.exit(2, f"make_tiny_bundle: {e}\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ Every numeric value of every metrics.jsonl row (see model/training/metrics.py: l
 ``loss/{type}``, ``val_loss``, ``val_loss/{type}``) goes to both, at x = the row's ``step``; strings
 (the row's ``type``) do not.
 
+Images: ``MetricsWriter.log_images(step, images)`` (model/training/metrics.py) hands pictures with their
+captions (the trainer's samples, ``--sample_prompts``) to each dashboard: TensorBoard image summaries under
+``samples/{i}`` (the caption in the tag's text summary ``samples/{i}/prompt``), W&B one ``samples`` entry
+of ``wandb.Image``s captioned with their prompts. Training does not import generation: the samples
+(model/generation/samples.py) call this through a callback the trainer passes in.
+
 TensorBoard: event files in ``{output_dir}/tensorboard/`` (Lumina's place). A resumed run writes a new
 event file in the same folder with ``purge_step`` = the first step it will log again, so TensorBoard drops
 the points the interrupted run had logged past the checkpoint instead of showing two curves.
@@ -26,6 +32,10 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +78,14 @@ class TensorBoardSink:
         for k, v in _scalars(row).items():
             self.writer.add_scalar(k, v, int(row["step"]))
 
+    def log_images(self, step: int, images: list[tuple[str, "Image.Image"]]) -> None:
+        import numpy as np
+
+        for i, (caption, img) in enumerate(images):
+            self.writer.add_image(f"samples/{i}", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+            self.writer.add_text(f"samples/{i}/prompt", caption, step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -98,6 +116,12 @@ class WandbSink:
 
     def log(self, row: dict) -> None:
         self.run.log(_scalars(row), step=int(row["step"]))
+
+    def log_images(self, step: int, images: list[tuple[str, "Image.Image"]]) -> None:
+        import wandb
+
+        # the same step as that step's scalars (logged just before): W&B adds them to the same history row
+        self.run.log({"samples": [wandb.Image(img, caption=caption) for caption, img in images]}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -141,6 +141,13 @@ class MetricsWriter:
         for sink in self.sinks:
             sink.log(row)
 
+    def log_images(self, step: int, images: list) -> None:
+        """``images``: (caption, PIL image) pairs, e.g. the trainer's samples; to each dashboard (none: no-op)."""
+        if not self.enabled:
+            return
+        for sink in self.sinks:
+            sink.log_images(step, images)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

@@ -1,0 +1,237 @@
+"""Fits a VQGAN to a folder of images with the plain VQ-VAE recipe, on the CPU (minutes for the tiny one).
+
+    python model/make_tiny_bundle.py --out B --fit_images DIR [--fit_steps N]    # the usual way in
+    vq = fit_vqgan(build_tiny_vqgan(0), load_fit_images(DIR), FitConfig(steps=400))
+
+What it trains is the module layout of ``model/tokenizer/vqgan.py`` (taming's ``VQModel`` keys), so the
+result is saved as the same ``vqgan.ckpt`` and every loader, the fast CPU encoder and the decoder read it
+unchanged. The recipe (van den Oord et al. 2017, "Neural Discrete Representation Learning"):
+
+- loss = mean squared reconstruction error + ``|sg(z) - e|^2`` (codebook) + ``beta |z - sg(e)|^2``
+  (commitment), with the straight-through estimator carrying the decoder's gradient past the argmin;
+- a plain autoencoder first (``warmup_frac`` of the steps), then the codebook starts from encoder outputs
+  (random latents of a few batches, with a little noise), and codes no latent picked for
+  ``restart_every`` steps are restarted at latents of the current batch, drawn by their quantization
+  error, so the codes track the encoder as it moves and go where pictures are served worst;
+- only ``codes_in_play`` codes (256) take part; the rest of the 8192 are set to repeat them at the end,
+  so encoding never picks them (argmin takes the first of equal distances) and a language model that
+  samples one still gets a patch of the pictures.
+
+No GAN and no perceptual loss: the squared error is the whole pixel loss. Training runs on whole images,
+at their size and smaller (see ``_ImageSampler`` for why not crops). bench/RESULTS.md has what this
+reaches on the demo's pictures (about 16 dB after the default 400 steps, colours still off) and why the
+tiny layout learns flat colour slowly.
+
+Seeded: the same images, config and seed give the same weights on the same machine and torch build.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.tokenizer.vqgan import VQGAN
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a VQGAN is fitted; the defaults fit the tiny bundle's VQGAN to the demo's shapes (~200 CPU-s)."""
+
+    steps: int = 400
+    """optimizer steps (Adam)"""
+    batch_size: int = 4
+    """images per step (all of one size)"""
+    lr: float = 1e-3
+    """Adam learning rate, held for the first half, then cosine to lr/10"""
+    beta: float = 0.25
+    """weight of the commitment loss"""
+    warmup_frac: float = 0.3
+    """share of the steps trained as a plain autoencoder (no quantization) before the codebook is set from
+    encoder outputs: the decoder learns much faster from continuous latents than through the argmin"""
+    codes_in_play: int = 256
+    """codes the fit uses (the others repeat them): the demo's flat shapes need a few hundred, and the fewer
+    distinct codes a picture type has, the easier its token sequences are for a language model to learn"""
+    restart_every: int = 25
+    """steps after which a code no latent picked is restarted at a latent of the current batch"""
+    min_scale: float = 0.5
+    """images are also trained on at sizes down to this factor (cheaper steps, shapes at other sizes)"""
+    seed: int = 0
+
+
+@dataclass
+class FitReport:
+    """What a fit reached: the last steps' mean reconstruction MSE (pixels in [-1, 1]) and codes in use."""
+
+    steps: int
+    recon_mse: float
+    codes_used: int
+
+    @property
+    def psnr(self) -> float:
+        """PSNR in dB of the training images, for pixels in [0, 1] (the MSE in [-1, 1] is 4x that in [0, 1])."""
+        return 10 * math.log10(4.0 / max(self.recon_mse, 1e-12))
+
+
+def load_fit_images(folder: str | os.PathLike, limit: int | None = None) -> list[torch.Tensor]:
+    """The images of ``folder`` (recursively, sorted by path) as float [3, H, W] tensors in [-1, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--fit_images {folder}: not a directory")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if limit is not None:
+        paths = paths[:limit]
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+        except OSError as e:  # one unreadable file is reported and skipped, not fatal
+            logger.warning("skipping %s: cannot be read as an image (%s)", p, e)
+            continue
+        images.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0)
+    if not images:
+        raise FileNotFoundError(f"--fit_images {folder}: no readable images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+class _ImageSampler:
+    """Batches of whole images of one size, each image resized by one of a few factors in [min_scale, 1].
+
+    Whole images, not crops: taming's GroupNorm(32) on 32-channel levels normalises each channel over the
+    picture, so a crop of flat background carries no colour at all after it; the decoder learns colours
+    from how the picture's parts differ. Smaller copies of a picture cost less to train on and teach the
+    same shapes at other sizes (pre-tokenization resizes pictures before encoding).
+    """
+
+    def __init__(self, images: list[torch.Tensor], cfg: FitConfig, gen: torch.Generator, multiple: int):
+        self.cfg, self.gen = cfg, gen
+        self.groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+        scales = np.linspace(cfg.min_scale, 1.0, 3) if cfg.min_scale < 1.0 else [1.0]
+        for img in images:
+            _, h, w = img.shape
+            for s in scales:
+                nh, nw = (max(multiple, round(v * s / multiple) * multiple) for v in (h, w))
+                x = img if (nh, nw) == (h, w) else F.interpolate(
+                    img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+                self.groups.setdefault((nh, nw), []).append(x.clamp(-1, 1).contiguous())
+        self.keys = sorted(self.groups)
+        # a group is drawn with probability proportional to its images times the pixels they save
+        sizes = torch.tensor([len(self.groups[k]) / (k[0] * k[1]) for k in self.keys], dtype=torch.float64)
+        self.weights = sizes / sizes.sum()
+
+    def batch(self) -> torch.Tensor:
+        key = self.keys[int(torch.multinomial(self.weights, 1, generator=self.gen))]
+        group = self.groups[key]
+        idx = torch.randint(len(group), (self.cfg.batch_size,), generator=self.gen).tolist()
+        return torch.stack([group[i] for i in idx])
+
+
+def _nearest(z_flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code for each row, the distance VectorQuantizer.codes uses."""
+    d = (z_flat ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * z_flat @ codebook.t()
+    return d.argmin(1)
+
+
+def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConfig(),
+              progress: bool = True) -> FitReport:
+    """Trains ``model`` in place on ``images`` (float [3, H, W] in [-1, 1]); returns it in eval mode."""
+    from tqdm.auto import tqdm
+
+    if not images:
+        raise ValueError("no images to fit the VQGAN to")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = _ImageSampler(images, cfg, gen, model.config.downsample)
+    model.train().requires_grad_(True)
+    model.use_channels_last(True)  # on CPU the convolutions (forward and backward) run faster in NHWC
+    codebook = model.quantize.embedding.weight
+    n_embed = codebook.shape[0]
+    k = min(cfg.codes_in_play, n_embed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    last_used = torch.zeros(k, dtype=torch.long)  # step at which each code was last picked
+    recon_hist: list[float] = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return model.quant_conv(model.encoder(x))
+
+    warmup = int(cfg.steps * cfg.warmup_frac)
+
+    def init_codebook() -> None:  # every code a (slightly noisy) encoder output of a few fresh batches
+        with torch.no_grad():
+            zs = torch.cat([encode(sampler.batch().contiguous(memory_format=torch.channels_last))
+                            .permute(0, 2, 3, 1).reshape(-1, codebook.shape[1]) for _ in range(4)])
+            pick = torch.randint(len(zs), (k,), generator=gen)
+            codebook[:k] = zs[pick] + 0.01 * zs.std() * torch.randn(k, zs.shape[1], generator=gen)
+
+    bar = tqdm(range(1, cfg.steps + 1), desc="fit VQGAN", disable=not progress, mininterval=1.0)
+    for step in bar:
+        lr = cfg.lr if step <= cfg.steps // 2 else cfg.lr * (0.1 + 0.45 * (1 + math.cos(
+            math.pi * (step - cfg.steps // 2) / max(1, cfg.steps - cfg.steps // 2))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if step == warmup + 1:
+            init_codebook()
+        x = sampler.batch().contiguous(memory_format=torch.channels_last)
+        z = encode(x)
+        b, c, h, w = z.shape
+        if step <= warmup:  # a plain autoencoder first: the decoder learns from unquantized latents
+            rec = model.decoder(model.post_quant_conv(z))
+            recon = loss = F.mse_loss(rec, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            recon_hist.append(recon.detach().item())
+            if step % 10 == 0:
+                bar.set_postfix(recon=f"{np.mean(recon_hist[-10:]):.4f}", codes="-", refresh=False)
+            continue
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, c)
+        with torch.no_grad():
+            idx = _nearest(z_flat, codebook[:k])
+        e = codebook[idx]
+        codebook_loss = F.mse_loss(e, z_flat.detach())
+        commit_loss = F.mse_loss(z_flat, e.detach())
+        z_q = (z_flat + (e - z_flat).detach()).view(b, h, w, c).permute(0, 3, 1, 2)  # straight-through
+        rec = model.decoder(model.post_quant_conv(z_q))
+        recon = F.mse_loss(rec, x)
+        loss = recon + codebook_loss + cfg.beta * commit_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last_used[idx.unique()] = step
+        recon_hist.append(recon.detach().item())
+        if step % cfg.restart_every == 0 and step < cfg.steps * 0.9:
+            with torch.no_grad():  # dead codes among the ones in play restart at this batch's latents
+                dead = (last_used <= step - cfg.restart_every).nonzero().flatten()
+                if len(dead):
+                    zf = z_flat.detach()
+                    # at latents drawn by their quantization error: new codes go where pictures are served
+                    # worst (edges), not into flat areas one code already covers
+                    err = ((zf - e.detach()) ** 2).sum(1) + 1e-12
+                    src = torch.multinomial(err, len(dead), replacement=True, generator=gen)
+                    codebook[dead] = zf[src] + 0.01 * zf.std() * torch.randn(len(dead), c, generator=gen)
+                    last_used[dead] = step  # give them a window to be picked
+        if step % 10 == 0 or step == cfg.steps:
+            in_use = int((last_used > max(0, step - cfg.restart_every)).sum())
+            bar.set_postfix(recon=f"{np.mean(recon_hist[-10:]):.4f}", codes=in_use, refresh=False)
+    with torch.no_grad():  # the codes out of play repeat those in play: encoding picks the first of equals
+        # (argmin), and a language model that samples a repeat still gets a patch of the pictures
+        reps = -(-n_embed // k)
+        codebook[k:] = codebook[:k].repeat(reps, 1)[:n_embed - k]
+    model.eval().requires_grad_(False).use_channels_last(False)
+    used = int((last_used > max(0, cfg.steps - cfg.restart_every)).sum())
+    report = FitReport(cfg.steps, float(np.mean(recon_hist[-20:])), used)
+    logger.info("fitted VQGAN: %d steps, reconstruction MSE %.5f (%.1f dB on training images), %d codes in use",
+                report.steps, report.recon_mse, report.psnr, report.codes_used)
+    return report
