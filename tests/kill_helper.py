@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-def kill_at_lines(cmd: list[str], cwd: Path, watched: Path, wait_lines: Sequence[int],
+def kill_at_lines(cmd: list[str], cwd: Path | None, watched: Path, wait_lines: Sequence[int],
                   timeout: float = 120) -> list[int]:
     """Runs ``cmd`` once per entry of ``wait_lines`` and SIGKILLs it as soon as ``watched`` holds that many lines
     (or when it exits or ``timeout`` passes). SIGKILL: no cleanup in the process; its workers must die with it

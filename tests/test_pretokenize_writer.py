@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kill_helper import kill_at_lines
 
 from data.pretok_writer import OutputConflictError, RankWriter, done_name, run_name, scan_outputs
 from data.records import ShardReader, errors_name, record_name, shard_name
@@ -207,18 +207,8 @@ def test_kill9_of_writer_process_at_several_points_resumes_identically(reference
     """A real SIGKILL of a process that commits after every item; then a plain re-run."""
     out = tmp_path / "run"
     rec = out / record_name(1, 3)
-    for wait_lines in (2, 6, 12):
-        p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), "0.01"])
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and p.poll() is None:
-                if rec.exists() and rec.read_bytes().count(b"\n") >= wait_lines:
-                    break
-                time.sleep(0.002)
-        finally:
-            p.kill()
-            p.wait(timeout=30)
-        assert not (out / done_name(1, 3)).exists()
+    kill_at_lines([sys.executable, "-c", KILL_SCRIPT, str(out), "0.01"], None, rec, (2, 6, 12), timeout=60)
+    assert not (out / done_name(1, 3)).exists()
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "0"], check=True, timeout=60)
     assert snapshot(out) == reference
 

@@ -37,6 +37,7 @@ rejected by the item processor like those of any format.
 
 from __future__ import annotations
 
+import abc
 import glob
 import json
 import mmap
@@ -236,7 +237,7 @@ class _File:
     rows: int
 
 
-class _TableSource:
+class _TableSource(abc.ABC):
     """Rows of ``files`` in order, read in batches; subclasses say how a file's batches are read."""
 
     format = ""
@@ -251,8 +252,9 @@ class _TableSource:
     def __len__(self) -> int:
         return sum(f.rows for f in self.files)
 
+    @abc.abstractmethod
     def _batches(self, f: _File, start: int) -> Iterator:
-        raise NotImplementedError
+        """Record batches of file ``f`` from its row ``start`` on (the first batch may begin before it)."""
 
     def iter_items(self, ids: range) -> Iterator[InputItem]:
         first = 0
