@@ -113,12 +113,17 @@ def make_images(d: Path, n: int, px: int, seed: int = 0) -> Path:
     return path
 
 
+POLL_S = 0.02  # how often a child's output files are read to see which images are done
+
+
 def rate(times: list[float], warmup: int) -> float:
     """images/s between the end of image ``warmup`` and the end of the last image; ``times[i]`` is when
-    image i was done (images of one batch share a time, so the warmup is moved to a batch boundary)."""
+    image i was done (images of one batch share a time, so the warmup is moved to a batch boundary).
+    Images are seen done at polls ``POLL_S`` apart: when all of them after the warm-up were seen at one poll,
+    they took at most ``POLL_S``, and the rate given is that lower bound (a tiny run; not a figure to quote)."""
     while warmup < len(times) - 1 and times[warmup] == times[warmup - 1]:
         warmup += 1
-    return (len(times) - warmup) / (times[-1] - times[warmup - 1])
+    return (len(times) - warmup) / max(times[-1] - times[warmup - 1], POLL_S)
 
 
 def bare_batched(tok: ChameleonTokenizer, x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +334,7 @@ def bench_script(data: Path, bundle: Path, out: Path, args, *extra: str) -> tupl
     while p.poll() is None:
         n = rec.read_bytes().count(b"\n") if rec.exists() else 0
         seen += [time.perf_counter()] * (n - len(seen))
-        time.sleep(0.02)
+        time.sleep(POLL_S)
     n = rec.read_bytes().count(b"\n")
     seen += [time.perf_counter()] * (n - len(seen))
     log = p.stderr.read()
@@ -345,7 +350,7 @@ def timed_process(cmd: list[str], count, env: dict | None = None) -> list[float]
     seen: list[float] = []
     while p.poll() is None:
         seen += [time.perf_counter()] * (count() - len(seen))
-        time.sleep(0.02)
+        time.sleep(POLL_S)
     seen += [time.perf_counter()] * (count() - len(seen))
     log = p.stderr.read()
     if p.returncode:

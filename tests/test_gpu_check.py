@@ -222,3 +222,11 @@ def test_cpu_rehearsal_runs_every_check_end_to_end(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= gpu_check.MAX_FILES and all(p.stat().st_size < 16 << 20 for p in files)
     assert sorted(p.name for p in files) == sorted(["table.md"] + [f"{s}.log" for s in gpu_check.SECTIONS])
+
+
+def test_rate_of_a_run_seen_done_at_one_poll_is_its_lower_bound_not_a_division_by_zero():
+    from bench_pretokenize import POLL_S, rate
+
+    assert rate([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], 2) == pytest.approx(4 / 2.0)  # after the first batch
+    # a tiny run (the CPU rehearsal) can finish every image within one poll of its output files
+    assert rate([5.0] * 6, 2) == pytest.approx(1 / POLL_S)  # one "batch" at one time: the last image counts
