@@ -114,3 +114,8 @@ def test_documented_model_entry_points_still_run_from_any_directory(script, tmp_
     r = subprocess.run([sys.executable, str(REPO / script), "-h"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_training_uses_of_data_only_its_project_neutral_helpers():
+    direct = {i for m in MODULES if m.startswith("model.training") for i in GRAPH[m] if i.startswith("data")}
+    assert direct <= {"data.files", "data.stop_signals"}, direct
