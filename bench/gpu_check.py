@@ -72,6 +72,9 @@ CHECKS = (
     Check("generate", 90, "bench_generate.py bf16: ours vs transformers generate vs a Lumina loop"),
     Check("pretok", 60, "pre_tokenize.py, real-width VQGAN: whole batches vs --batch_invariant"),
     Check("encode", 60, "bench_pretokenize.py: batched VQGAN encode vs the per-item Lumina loop"),
+    Check("compile_train", 120, "bench_train_step.py --compile bf16: compiled decoder layers vs eager, tokens/s, MFU"),
+    Check("compile_generate", 120, "bench_generate.py --compile bf16: static cache + compiled step vs eager and "
+          "the Lumina baselines, batch 1 and 8"),
 )
 SECTIONS = tuple(c.name for c in CHECKS)
 REHEARSAL_LIMIT_FACTOR = 4
@@ -98,6 +101,8 @@ class Sizes:
     pretok_batch: int = 8
     pretok_vqgan: str = "real"  # real-width VQGAN ("real") or the tiny bundle's ("tiny")
     encode_args: tuple = ("--images", "48", "--batch_size", "16")  # bench_pretokenize needs >= 3 x batch
+    compile_train_args: tuple = ("--vocab", "65536", "--hidden", "2048", "--layers", "12", "--heads", "16",
+                                 "--batch", "2", "--seq", "4096", "--rounds", "5", "--steps", "3")
 
 
 REHEARSAL = Sizes(
@@ -109,7 +114,9 @@ REHEARSAL = Sizes(
                    "2", "--heads", "4", "--resolution", "64x64"),
     pretok_images=6, pretok_px=96, pretok_batch=2, pretok_vqgan="tiny",
     encode_args=("--images", "6", "--batch_size", "2", "--image_px", "64", "--target_size", "64", "--vqgan", "tiny",
-                 "--threads", "1"))
+                 "--threads", "1"),
+    compile_train_args=("--vocab", "8704", "--hidden", "64", "--layers", "2", "--heads", "4", "--batch", "1",
+                        "--seq", "64", "--rounds", "1", "--steps", "1", "--warmup", "1"))
 
 
 @dataclass(frozen=True)
@@ -451,6 +458,44 @@ def section_encode(w: Where, s: Sizes) -> None:
     metrics["codes differing, lumina loop vs ours"] = f"{n} of {total}"
     emit("encode", bool(metrics), metrics, f"{' '.join(s.encode_args)}, 256 px crops unless given; both loops in "
          f"strict fp32 (no TF32); goal >= 3x the Lumina loop")
+
+
+def section_compile_train(w: Where, s: Sizes) -> None:
+    """bench/bench_train_step.py --compile in bf16: the trainer's step with each decoder layer compiled
+    (finetune_solver.py --compile) vs eager, interleaved rounds; tokens/s, their ratio and MFU (on a GPU)."""
+    text = run_child([sys.executable, "bench/bench_train_step.py", "--compile", "--device", w.device.type,
+                      "--precision", "bf16", *s.compile_train_args], "bench_train_step.py --compile")
+    m = re.search(r"wall clock: median eager (\d+) tok/s, compiled (\d+) tok/s, median ratio ([\d.]+)", text)
+    if m is None:
+        raise ChildFailed("bench_train_step.py printed no wall-clock summary")
+    metrics = {"eager tokens_per_s": int(m[1]), "compiled tokens_per_s": int(m[2]), "compiled vs eager": float(m[3])}
+    if c := re.search(r"first step \(compiling\): ([\d.]+) s", text):
+        metrics["compile_s"] = float(c[1])
+    if u := re.search(r"MFU \([^)]*\): eager ([\d.]+), compiled ([\d.]+)", text):
+        metrics |= {"MFU eager": float(u[1]), "MFU compiled": float(u[2])}
+    emit("compile_train", True, metrics, f"{' '.join(s.compile_train_args)}, bf16; torchtitan reports about +16% "
+         "tokens/s from per-block compile on H100")
+
+
+def section_compile_generate(w: Where, s: Sizes) -> None:
+    """bench/bench_generate.py --compile in bf16: Generator(compile=True) (static KV cache, compiled decode step)
+    vs eager ours and the two Lumina baselines at batch 1 with CFG, and compiled vs eager per batch size."""
+    text = run_child([sys.executable, "bench/bench_generate.py", "--device", w.device.type, "--compile",
+                      *s.generate_args], "bench_generate.py --compile")
+    tables = markdown_tables(text)
+    if len(tables) < 2 or not tables[0]:
+        raise ChildFailed("bench_generate.py printed no result tables")
+    metrics = {}
+    # | method | tokens/s (wall) | tokens/CPU-s | ours / method (wall) | (CPU) | ours --compile / method (wall) | ...
+    for cells in tables[0]:
+        if cells[0].startswith("ours --compile"):
+            metrics["compiled tokens_per_s"] = float(cells[1].split()[0])
+        elif not cells[0].startswith("ours"):
+            metrics[f"compiled vs {cells[0][:3].strip()}"] = cells[5]
+    for cells in tables[1]:  # | samples per batch | ... | compiled / eager (wall) | compiled / eager (CPU) |
+        metrics[f"batch {cells[0]} compiled vs eager"] = cells[-2]
+    emit("compile_generate", True, metrics, "(a) transformers generate + Lumina processors, (b) Lumina-style loop; "
+         f"{' '.join(s.generate_args)} --compile; goal >= 3x (a) per image; compile time excluded")
 
 
 # check NAME runs section_NAME(w, s)

@@ -13,6 +13,9 @@
 #   generate  bench/bench_generate.py bf16: ours vs transformers generate vs a Lumina-style loop
 #   pretok    pre_tokenize.py with the real-width VQGAN: whole batches vs --batch_invariant (images/s, codes)
 #   encode    bench/bench_pretokenize.py: batched VQGAN encode vs the per-item Lumina loop, both strict fp32
+#   compile_train     bench/bench_train_step.py --compile bf16: compiled decoder layers vs eager, tokens/s, MFU
+#   compile_generate  bench/bench_generate.py --compile bf16: compiled decoding vs eager and the Lumina baselines
+#                     (last: when the budget leaves no room, run them in a second call with --only)
 #
 # Options: --only LIST (comma-separated checks), --budget S (start no check after S seconds; default 360,
 # 900 with --rehearse-cpu), --out DIR (default $OUT, else bench/out/gpu_check), --wheels DIR (default .whl:
