@@ -20,8 +20,10 @@ This module imports nothing of the project, so both sides may import it (data/ n
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -118,8 +120,31 @@ def ignore_signals(signals: Sequence[signal.Signals]) -> None:
 
 
 def worker_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None] | None:
-    """A DataLoader ``worker_init_fn`` that ignores ``signals`` (None when there are none)."""
-    return functools.partial(_ignore_in_worker, tuple(signals)) if signals else None
+    """A DataLoader ``worker_init_fn`` that ignores ``signals`` (None when there are none).
+
+    Called in the parent. Workers that ignore SIGTERM would hang the parent at exit: multiprocessing's own
+    exit hook ends daemonic children (DataLoader workers are daemonic) with SIGTERM and then joins them, so a
+    worker still alive then (a run that stopped on an error mid-epoch) would be waited for forever. So the
+    first call also registers an exit hook, run before multiprocessing's (atexit runs last-registered first),
+    that ends the daemonic children still alive with SIGKILL: what multiprocessing would do, with a signal
+    they cannot ignore."""
+    if not signals:
+        return None
+    global _kill_hook_registered
+    if not _kill_hook_registered:
+        atexit.register(_kill_daemonic_children)
+        _kill_hook_registered = True
+    return functools.partial(_ignore_in_worker, tuple(signals))
+
+
+_kill_hook_registered = False
+
+
+def _kill_daemonic_children() -> None:
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
 
 
 def _ignore_in_worker(signals: tuple, worker_id: int) -> None:

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -404,3 +405,22 @@ def test_exps_script_survives_a_step_wide_signal_and_passes_the_trainers_status_
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 75, out
     assert "checkpoint written" in log.read_text()  # tee outlived the signal
+
+
+def test_a_process_that_exits_with_signal_ignoring_loader_workers_alive_does_not_hang(assets, tmp_path):
+    """A run that stops on an error mid-epoch leaves its loader worker running; at exit multiprocessing ends
+    daemonic children with SIGTERM and joins them, which a worker ignoring SIGTERM would make wait forever."""
+    script = textwrap.dedent(f"""
+        import signal
+        from data.loader import build_train_data
+        data = build_train_data({str(assets["data"])!r}, max_seq_len=64, micro_batch_size=2, accum_iter=1,
+                                world_size=1, rank=0, seed=0, num_workers=1, pad_id=0,
+                                worker_ignores=[signal.SIGTERM])
+        data.sampler.set_epoch(0)
+        it = iter(data.loader)
+        next(it)
+        print("worker running", flush=True)
+        # exit with the iterator (and its worker) still alive, as after an error in the training loop
+    """)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "worker running" in r.stdout, r.stderr[-2000:]
