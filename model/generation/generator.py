@@ -190,6 +190,19 @@ def race_noise(gen: torch.Generator, n: int, device: torch.device | str) -> torc
     return torch.rand(n, generator=gen, device=device).log_().neg_()
 
 
+def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row of ``scores`` [R, C], as [R, 1]: top-k's threshold, by selection.
+
+    Selection, not sorting: on a CPU numpy's introselect (about 10 us for 8192 values, on the tensor's own
+    memory) beats ``torch.kthvalue`` (25-120 us per step on the bench model, which copies its input) and
+    ``torch.topk`` (120 us); every exact selection gives the same value."""
+    C = scores.shape[-1]
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+        part = np.partition(scores.detach().numpy(), C - k, axis=-1)[:, C - k:C - k + 1]
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return torch.kthvalue(scores, C - k + 1, dim=-1, keepdim=True).values
+
+
 def block_len(h_units: int, w_units: int) -> int:
     """Tokens of an image block with sides of h_units / w_units x 32 px, <racm3:break> and <eoss> included."""
     return 3 + 2 * h_units * (2 * w_units + 1) + 1
@@ -492,10 +505,10 @@ class Generator:
         w = self.lm.lm_head.weight
         if plan.codes_only:
             w = w[self._code_cols[0]:self._code_cols[1]]
-        if self.device.type == "cpu":
-            # On a CPU, BLAS computes [rows, H] x [V, H]^T for a few rows up to 3x slower than W @ h^T, which
-            # streams the row-major [V, H] head weight once (measured: 1.4-3x for 2-8 rows, 1.1-1.3x for
-            # 16-32, V 10760 and 65536); the head is the largest matmul of a decoding step.
+        if self.device.type == "cpu" and hidden.shape[0] > 2:
+            # On a CPU (MKL), [rows, H] x [V, H]^T for 4-16 rows is up to 1.5x slower than W @ h^T, which
+            # streams the row-major [V, H] head weight once; for 1-2 rows (batch 1 with CFG) it is the other
+            # way round, 1.8x (bench/RESULTS.md, issue 24). The head is the largest matmul of a decoding step.
             return torch.mm(w, hidden.to(w.dtype).t()).t().float()
         return torch.nn.functional.linear(hidden.to(w.dtype), w).float()
 
@@ -712,9 +725,8 @@ class Generator:
         else:
             scores = cond
         C = scores.shape[-1]
-        # the k-th largest by selection (kthvalue: 2.3x faster than topk here, the same value)
         k = min(st.image_top_k, C)
-        kth = torch.kthvalue(scores, C - k + 1, dim=-1, keepdim=True).values
+        kth = kth_largest(scores, k)
         scores = scores.masked_fill(scores < kth, -math.inf)
         forced = plan.forced.to(logits.device)
         if st.greedy:
