@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-output/demo}
 N_IMAGES=${N_IMAGES:-128}       # images in the synthetic set (each gives a caption and a t2i item)
 N_FRESH=${N_FRESH:-24}          # fresh pictures (another seed) the trained model is asked to caption
-FIT_STEPS=${FIT_STEPS:-400}     # steps fitting the bundle's VQGAN to the demo's pictures
+FIT_STEPS=${FIT_STEPS:-800}     # steps fitting the bundle's VQGAN to the demo's pictures
 FIT_THREADS=${FIT_THREADS:-2}   # torch threads of the fit (the other stages run one per process)
 TARGET_SIZE=${TARGET_SIZE:-128} # image area budget for pre-tokenization (128 -> up to 8x8 codes)
 EPOCHS=${EPOCHS:-8}             # the lr schedule spans this many epochs (32 steps each with 128 images)

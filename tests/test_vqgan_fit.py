@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model.tokenizer.bundle import ChameleonTokenizer
-from model.tokenizer.tiny_bundle import TINY_VQGAN, make_tiny_bundle
+from model.tokenizer.tiny_bundle import TINY_VQGAN, build_tiny_vqgan, make_tiny_bundle
 from model.tokenizer.vqgan import VQGANConfig, load_vqgan
 from model.tokenizer.vqgan_fit import FitConfig, load_fit_images
 
@@ -64,3 +64,40 @@ def test_fit_images_without_pictures_says_so(tmp_path):
         load_fit_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_fit_images(tmp_path / "missing")
+
+
+def test_the_mean_only_encoder_stream_bakes_into_plain_group_norms_that_compute_the_same(pictures):
+    """The fit trains the encoder with mean-only norms on its stream; bake() must turn them back into taming's
+    GroupNorms (what every loader builds) that compute the same thing, on pictures it never saw too."""
+    from model.tokenizer.vqgan_fit import _MeanOnlyEncoderStream
+
+    images = load_fit_images(pictures)
+    vq = build_tiny_vqgan(0)
+    plain = vq.encoder(images[0][None]).detach()
+    stream = _MeanOnlyEncoderStream(vq.encoder)
+    with torch.no_grad():
+        before = [vq.encoder(x[None]) for x in images]
+        unseen = torch.rand(1, 3, 96, 64) * 2 - 1
+        before_unseen = vq.encoder(unseen)
+    assert not torch.allclose(before[0], plain, atol=1e-3)  # mean-only is another function than the plain norm
+    stream.bake(images[:4])
+    norms = [vq.encoder.mid.block_1.norm1, vq.encoder.mid.attn_1.norm, vq.encoder.mid.block_2.norm1,
+             vq.encoder.norm_out]
+    assert all(type(n) is torch.nn.GroupNorm for n in norms)
+    with torch.no_grad():
+        for x, z in zip(images, before):
+            torch.testing.assert_close(vq.encoder(x[None]), z, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(vq.encoder(unseen), before_unseen, rtol=1e-3, atol=1e-4)
+    assert set(vq.state_dict()) == set(build_tiny_vqgan(0).state_dict())  # taming's keys, nothing added
+
+
+def test_a_fit_keeps_the_decoders_paired_output_channels_equal(pictures, tmp_path):
+    fitted = make_tiny_bundle(tmp_path / "fitted", seed=0, fit_images=pictures,
+                              fit=FitConfig(steps=6, batch_size=2, min_scale=1.0, warmup_frac=0.5), progress=False)
+    sd = torch.load(fitted / "vqgan.ckpt", weights_only=True)["state_dict"]
+    half = TINY_VQGAN.ch * TINY_VQGAN.ch_mult[0] // 2
+    for key in ("decoder.up.1.upsample.conv.weight", "decoder.up.1.upsample.conv.bias",
+                "decoder.up.0.block.0.conv2.weight", "decoder.up.0.block.0.conv2.bias"):
+        assert torch.equal(sd[key][:half], sd[key][half:]), key
+    fresh = build_tiny_vqgan(0).state_dict()
+    assert not torch.equal(sd["decoder.up.0.block.0.conv2.weight"], fresh["decoder.up.0.block.0.conv2.weight"])
