@@ -59,14 +59,15 @@ def draw(spec: ShapeSpec) -> Image.Image:
     return img
 
 
-def make_demo_data(out: Path, n: int, seed: int) -> tuple[Path, Path]:
+def make_demo_data(out: Path, n: int, seed: int,
+                   sizes: tuple[tuple[int, int], ...] = SIZES) -> tuple[Path, Path]:
     rng = random.Random(seed)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     captions, t2i = [], []
     for i in range(n):
         spec = ShapeSpec(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.choice(sorted(BACKGROUNDS)),
-                         rng.choice(SIZES))
+                         rng.choice(sizes))
         name = f"images/{i:05d}.png"
         draw(spec).save(out / name, optimize=False)
         captions.append({"conversations": [
@@ -86,8 +87,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="directory to write images/ and the two JSON files into")
     p.add_argument("--n", type=int, default=96, help="number of images (each gives one caption and one t2i item)")
     p.add_argument("--seed", type=int, default=0, help="seed for the shapes, colours and sizes")
+    p.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES),
+                   help="comma-separated WxH picture sizes to draw from (default: all of SIZES)")
     args = p.parse_args()
-    for path in make_demo_data(args.out, args.n, args.seed):
+    try:
+        sizes = tuple(tuple(int(v) for v in wh.split("x")) for wh in args.sizes.split(","))
+        assert sizes and all(len(wh) == 2 and min(wh) >= 16 for wh in sizes)
+    except (ValueError, AssertionError):
+        p.error(f"--sizes {args.sizes!r}: expected WxH[,WxH...], e.g. 128x128,192x128 (sides >= 16)")
+    for path in make_demo_data(args.out, args.n, args.seed, sizes):
         print(f"wrote {path}")
 
 

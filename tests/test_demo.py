@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OUT=str(out), N_IMAGES="32", STEPS="24", EPOCHS="4", LOSS_TARGET="8.0",
-               FIT_STEPS="8", N_FRESH="8", HIDDEN="128", LAYERS="2", T2I_RATIO="0.5", SAMPLE_EVERY="12",
+               FIT_STEPS="8", BATCH="4", N_FRESH="8", HIDDEN="128", LAYERS="2", T2I_RATIO="0.5", SAMPLE_EVERY="12",
                MIN_COLOUR="0", MIN_SHAPE="0", MIN_BACKGROUND="0", MIN_CAPTIONS="0",
                PYTHON=str(Path(os.sys.executable)))
     env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env['PATH']}"  # torchrun of this venv
@@ -41,7 +41,7 @@ def test_demo_runs_the_whole_pipeline_and_the_loss_falls(tmp_path):
     assert (out / "hf_model" / "config.json").exists()
     from transformers import ChameleonForConditionalGeneration
     ChameleonForConditionalGeneration.from_pretrained(out / "hf_model")
-    assert (out / "bundle" / "fit.stamp").read_text().strip() == "images=32 steps=8" and "fit VQGAN" in log
+    assert (out / "bundle" / "fit.stamp").read_text().strip() == "images=32 sizes=128x128,192x128,128x192,256x128 steps=8" and "fit VQGAN" in log
     for step in (12, 24):  # training samples, with the prompts under the pictures
         assert (out / "train" / "samples" / f"step{step}" / "contact_sheet.png").is_file()
     gen = out / "generated"  # every colour x shape x background drawn, the 8 fresh pictures captioned

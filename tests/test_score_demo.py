@@ -83,3 +83,15 @@ def test_scores_and_floors_on_generation_folders(demo, tmp_path, capsys):
     assert score.main(args + ["--min_shape", "0.9"]) == 1
     assert score.main(args + ["--min_colour", "0.8", "--min_shape", "0.8", "--min_captions", "0.8"]) == 0
     assert score.main(args + ["--min_colour", "0.8", "--min_shape", "0.8", "--min_captions", "0.9"]) == 1
+
+
+def test_make_demo_data_draws_only_the_sizes_it_is_given_and_the_same_files_by_default(demo, tmp_path):
+    data, _ = demo
+    data.make_demo_data(tmp_path / "square", 12, 0, sizes=((128, 128),))
+    assert {Image.open(p).size for p in (tmp_path / "square" / "images").iterdir()} == {(128, 128)}
+    data.make_demo_data(tmp_path / "a", 12, 0)
+    data.make_demo_data(tmp_path / "b", 12, 0, sizes=data.SIZES)
+    sizes = {Image.open(p).size for p in (tmp_path / "a" / "images").iterdir()}
+    assert len(sizes) > 1 and sizes <= set(data.SIZES)
+    for name in ("caption.json", "t2i.json", "images/00005.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
