@@ -92,8 +92,9 @@ def main() -> None:
     args = p.parse_args()
     try:
         sizes = tuple(tuple(int(v) for v in wh.split("x")) for wh in args.sizes.split(","))
-        assert sizes and all(len(wh) == 2 and min(wh) >= 16 for wh in sizes)
-    except (ValueError, AssertionError):
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(len(wh) == 2 and min(wh) >= 16 for wh in sizes):
         p.error(f"--sizes {args.sizes!r}: expected WxH[,WxH...], e.g. 128x128,192x128 (sides >= 16)")
     for path in make_demo_data(args.out, args.n, args.seed, sizes):
         print(f"wrote {path}")

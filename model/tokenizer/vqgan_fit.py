@@ -305,6 +305,13 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
             pick = torch.randint(len(zs), (k,), generator=gen)
             codebook[:k] = zs[pick] + 0.01 * zs.std() * torch.randn(k, zs.shape[1], generator=gen)
 
+    def update(loss: torch.Tensor) -> None:  # one Adam step; tied decoder rows get their summed gradient
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if paired is not None:
+            paired.tie_grads()
+        opt.step()
+
     bar = tqdm(range(1, cfg.steps + 1), desc="fit VQGAN", disable=not progress, mininterval=1.0)
     for step in bar:
         lr = cfg.lr if step <= cfg.steps // 2 else cfg.lr * (0.1 + 0.45 * (1 + math.cos(
@@ -318,12 +325,8 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
         b, c, h, w = z.shape
         if step <= warmup:  # a plain autoencoder first: the decoder learns from unquantized latents
             rec = model.decoder(model.post_quant_conv(z))
-            recon = loss = F.mse_loss(rec, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if paired is not None:
-                paired.tie_grads()
-            opt.step()
+            recon = F.mse_loss(rec, x)
+            update(recon)
             recon_hist.append(recon.detach().item())
             if step % 10 == 0:
                 bar.set_postfix(recon=f"{np.mean(recon_hist[-10:]):.4f}", codes="-", refresh=False)
@@ -337,12 +340,7 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
         z_q = (z_flat + (e - z_flat).detach()).view(b, h, w, c).permute(0, 3, 1, 2)  # straight-through
         rec = model.decoder(model.post_quant_conv(z_q))
         recon = F.mse_loss(rec, x)
-        loss = recon + codebook_loss + cfg.beta * commit_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if paired is not None:
-            paired.tie_grads()
-        opt.step()
+        update(recon + codebook_loss + cfg.beta * commit_loss)
         last_used[idx.unique()] = step
         recon_hist.append(recon.detach().item())
         if step % cfg.restart_every == 0 and step < cfg.steps * 0.9:
