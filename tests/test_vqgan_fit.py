@@ -66,29 +66,54 @@ def test_fit_images_without_pictures_says_so(tmp_path):
         load_fit_images(tmp_path / "missing")
 
 
-def test_the_mean_only_encoder_stream_bakes_into_plain_group_norms_that_compute_the_same(pictures):
-    """The fit trains the encoder with mean-only norms on its stream; bake() must turn them back into taming's
-    GroupNorms (what every loader builds) that compute the same thing, on pictures it never saw too."""
-    from model.tokenizer.vqgan_fit import _MeanOnlyEncoderStream
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_a_mean_only_stream_bakes_into_plain_group_norms_that_compute_the_same(pictures, side):
+    """The fit trains the encoder and the decoder with mean-only norms on their streams; bake() must turn them back
+    into taming's GroupNorms (what every loader builds) that compute the same thing, on unseen inputs too."""
+    from model.tokenizer.vqgan_fit import _MeanOnlyStream
 
-    images = load_fit_images(pictures)
     vq = build_tiny_vqgan(0)
-    plain = vq.encoder(images[0][None]).detach()
-    stream = _MeanOnlyEncoderStream(vq.encoder)
+    coder = getattr(vq, side)
+    g = torch.Generator().manual_seed(0)
+    if side == "encoder":
+        inputs = [x[None] for x in load_fit_images(pictures)]
+        unseen = torch.rand(1, 3, 96, 64, generator=g) * 2 - 1
+    else:  # latents of the decoder's input shape
+        inputs = [torch.randn(1, TINY_VQGAN.z_channels, 4, 4, generator=g) for _ in range(8)]
+        unseen = torch.randn(1, TINY_VQGAN.z_channels, 6, 4, generator=g)
+    plain = coder(inputs[0]).detach()
+    stream = _MeanOnlyStream(coder)
     with torch.no_grad():
-        before = [vq.encoder(x[None]) for x in images]
-        unseen = torch.rand(1, 3, 96, 64) * 2 - 1
-        before_unseen = vq.encoder(unseen)
+        before = [coder(x) for x in inputs]
+        before_unseen = coder(unseen)
     assert not torch.allclose(before[0], plain, atol=1e-3)  # mean-only is another function than the plain norm
-    stream.bake(images[:4])
-    norms = [vq.encoder.mid.block_1.norm1, vq.encoder.mid.attn_1.norm, vq.encoder.mid.block_2.norm1,
-             vq.encoder.norm_out]
-    assert all(type(n) is torch.nn.GroupNorm for n in norms)
+    stream.bake(inputs[:4])
+    assert all(type(getattr(owner, name)) is torch.nn.GroupNorm for owner, name in stream.norms)
+    assert len(stream.norms) == (4 if side == "encoder" else 4 + len(TINY_VQGAN.ch_mult))
     with torch.no_grad():
-        for x, z in zip(images, before):
-            torch.testing.assert_close(vq.encoder(x[None]), z, rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(vq.encoder(unseen), before_unseen, rtol=1e-3, atol=1e-4)
+        for x, y in zip(inputs, before):
+            torch.testing.assert_close(coder(x), y, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(coder(unseen), before_unseen, rtol=1e-3, atol=1e-4)
     assert set(vq.state_dict()) == set(build_tiny_vqgan(0).state_dict())  # taming's keys, nothing added
+
+
+def test_a_fit_keeps_each_code_to_its_neighbourhood(pictures, tmp_path):
+    """local_codes: the encoder's middle convs and conv_out keep only their centre taps and the attention adds
+    nothing, through a fit that moves every other weight; so a code reads its own patch and ~8 pixels around."""
+    fitted = make_tiny_bundle(tmp_path / "fitted", seed=0, fit_images=pictures,
+                              fit=FitConfig(steps=6, batch_size=2, min_scale=1.0, warmup_frac=0.5), progress=False)
+    sd = torch.load(fitted / "vqgan.ckpt", weights_only=True)["state_dict"]
+    fresh = build_tiny_vqgan(0).state_dict()
+    for key in ("encoder.mid.block_1.conv1.weight", "encoder.mid.block_1.conv2.weight",
+                "encoder.mid.block_2.conv1.weight", "encoder.mid.block_2.conv2.weight", "encoder.conv_out.weight"):
+        w = sd[key]
+        assert w.shape[-2:] == (3, 3), key  # taming's 3x3 kernels, as saved
+        outer = w.clone()
+        outer[..., 1, 1] = 0
+        assert not outer.any() and w[..., 1, 1].any(), key
+        assert not torch.equal(w[..., 1, 1], fresh[key][..., 1, 1]), key  # the centre was trained
+    assert not sd["encoder.mid.attn_1.proj_out.weight"].any() and not sd["encoder.mid.attn_1.proj_out.bias"].any()
+    assert not torch.equal(sd["encoder.conv_in.weight"], fresh["encoder.conv_in.weight"])
 
 
 def test_a_fit_keeps_the_decoders_paired_output_channels_equal(pictures, tmp_path):
