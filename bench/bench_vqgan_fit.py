@@ -38,37 +38,29 @@ from model.tokenizer.vqgan_fit import FitConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _demo_data():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "exps" / "make_demo_data.py")
+def _exps(name: str):
+    """A script of exps/ as a module (score_demo imports make_demo_data by name: load that one first)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "exps" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_demo_data"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-def psnr_of(bundle: Path, pictures) -> list[float]:
+def reconstruct(bundle: Path, pictures, specs, classify) -> tuple[list[float], int]:
+    """PSNR of each picture through encode and decode (pixels in [0, 1]), and how many reconstructions
+    exps/score_demo.py's classifier reads as their picture (colour, shape and background)."""
     vq = load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", device="cpu")
-    out = []
-    for img in pictures:
+    psnrs, right = [], 0
+    for img, spec in zip(pictures, specs):
         x = torch.from_numpy(np.asarray(img, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         y = vq.decode(vq.encode(x))
         mse = float(((y - x) ** 2).mean()) / 4  # [-1, 1] -> [0, 1]
-        out.append(10 * math.log10(1 / max(mse, 1e-12)))
-    return out
-
-
-def legible(pictures, specs, bundle: Path) -> int:
-    """How many reconstructions exps/score_demo.py classifies as their picture (colour, shape and background)."""
-    sys.path.insert(0, str(REPO / "exps"))
-    from score_demo import classify
-    vq = load_vqgan(bundle / "vqgan.yaml", bundle / "vqgan.ckpt", device="cpu")
-    right = 0
-    for img, spec in zip(pictures, specs):
-        x = torch.from_numpy(np.asarray(img, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        y = ((vq.decode(vq.encode(x))[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        seen = classify(Image.fromarray(y))
+        psnrs.append(10 * math.log10(1 / max(mse, 1e-12)))
+        rgb = ((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        seen = classify(Image.fromarray(rgb))
         right += (seen.colour, seen.shape, seen.background) == (spec.colour, spec.shape, spec.background)
-    return right
+    return psnrs, right
 
 
 def main() -> None:
@@ -78,8 +70,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=FitConfig.steps, help="fit steps (make_tiny_bundle --fit_steps)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    demo = _demo_data()
-    sizes = tuple(tuple(int(v) for v in wh.split("x")) for wh in a.sizes.split(","))
+    demo, score = _exps("make_demo_data"), _exps("score_demo")
+    try:
+        sizes = demo.parse_sizes(a.sizes)
+    except ValueError as e:
+        p.error(str(e))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         demo.make_demo_data(tmp / "data", a.images, 0, sizes)
@@ -104,11 +99,10 @@ def main() -> None:
             for group, specs in groups.items():
                 if not specs:
                     continue
-                pictures = [demo.draw(s) for s in specs]
-                ps = psnr_of(bundle, pictures)
+                ps, right = reconstruct(bundle, [demo.draw(s) for s in specs], specs, score.classify)
                 print(f"{name:>26}, {group:>8} pictures: PSNR mean {np.mean(ps):.1f} dB, worst {min(ps):.1f} dB, "
                       f">= 20 dB: {sum(v >= 20 for v in ps)}/{len(ps)}; read back right (score_demo's "
-                      f"classifier): {legible(pictures, specs, bundle)}/{len(specs)}")
+                      f"classifier): {right}/{len(specs)}")
 
 
 if __name__ == "__main__":

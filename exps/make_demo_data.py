@@ -59,6 +59,17 @@ def draw(spec: ShapeSpec) -> Image.Image:
     return img
 
 
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """'128x128,192x128' -> ((128, 128), (192, 128)); ValueError unless every entry is WxH with sides >= 16."""
+    try:
+        sizes = tuple(tuple(int(v) for v in wh.split("x")) for wh in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(len(wh) == 2 and min(wh) >= 16 for wh in sizes):
+        raise ValueError(f"--sizes {text!r}: expected WxH[,WxH...], e.g. 128x128,192x128 (sides >= 16)")
+    return sizes
+
+
 def make_demo_data(out: Path, n: int, seed: int,
                    sizes: tuple[tuple[int, int], ...] = SIZES) -> tuple[Path, Path]:
     rng = random.Random(seed)
@@ -91,11 +102,9 @@ def main() -> None:
                    help="comma-separated WxH picture sizes to draw from (default: all of SIZES)")
     args = p.parse_args()
     try:
-        sizes = tuple(tuple(int(v) for v in wh.split("x")) for wh in args.sizes.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or not all(len(wh) == 2 and min(wh) >= 16 for wh in sizes):
-        p.error(f"--sizes {args.sizes!r}: expected WxH[,WxH...], e.g. 128x128,192x128 (sides >= 16)")
+        sizes = parse_sizes(args.sizes)
+    except ValueError as e:
+        p.error(str(e))
     for path in make_demo_data(args.out, args.n, args.seed, sizes):
         print(f"wrote {path}")
 

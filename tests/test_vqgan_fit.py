@@ -97,12 +97,18 @@ def test_a_mean_only_stream_bakes_into_plain_group_norms_that_compute_the_same(p
     assert set(vq.state_dict()) == set(build_tiny_vqgan(0).state_dict())  # taming's keys, nothing added
 
 
-def test_a_fit_keeps_each_code_to_its_neighbourhood(pictures, tmp_path):
+@pytest.fixture(scope="module")
+def short_fit_state(pictures, tmp_path_factory) -> dict:
+    """The state dict of a 6-step fit (half autoencoder, half quantized) of the tiny VQGAN to the pictures."""
+    fitted = make_tiny_bundle(tmp_path_factory.mktemp("short_fit") / "fitted", seed=0, fit_images=pictures,
+                              fit=FitConfig(steps=6, batch_size=2, min_scale=1.0, warmup_frac=0.5), progress=False)
+    return torch.load(fitted / "vqgan.ckpt", weights_only=True)["state_dict"]
+
+
+def test_a_fit_keeps_each_code_to_its_neighbourhood(short_fit_state):
     """local_codes: the encoder's middle convs and conv_out keep only their centre taps and the attention adds
     nothing, through a fit that moves every other weight; so a code reads its own patch and ~8 pixels around."""
-    fitted = make_tiny_bundle(tmp_path / "fitted", seed=0, fit_images=pictures,
-                              fit=FitConfig(steps=6, batch_size=2, min_scale=1.0, warmup_frac=0.5), progress=False)
-    sd = torch.load(fitted / "vqgan.ckpt", weights_only=True)["state_dict"]
+    sd = short_fit_state
     fresh = build_tiny_vqgan(0).state_dict()
     for key in ("encoder.mid.block_1.conv1.weight", "encoder.mid.block_1.conv2.weight",
                 "encoder.mid.block_2.conv1.weight", "encoder.mid.block_2.conv2.weight", "encoder.conv_out.weight"):
@@ -116,10 +122,8 @@ def test_a_fit_keeps_each_code_to_its_neighbourhood(pictures, tmp_path):
     assert not torch.equal(sd["encoder.conv_in.weight"], fresh["encoder.conv_in.weight"])
 
 
-def test_a_fit_keeps_the_decoders_paired_output_channels_equal(pictures, tmp_path):
-    fitted = make_tiny_bundle(tmp_path / "fitted", seed=0, fit_images=pictures,
-                              fit=FitConfig(steps=6, batch_size=2, min_scale=1.0, warmup_frac=0.5), progress=False)
-    sd = torch.load(fitted / "vqgan.ckpt", weights_only=True)["state_dict"]
+def test_a_fit_keeps_the_decoders_paired_output_channels_equal(short_fit_state):
+    sd = short_fit_state
     half = TINY_VQGAN.ch * TINY_VQGAN.ch_mult[0] // 2
     for key in ("decoder.up.1.upsample.conv.weight", "decoder.up.1.upsample.conv.bias",
                 "decoder.up.0.block.0.conv2.weight", "decoder.up.0.block.0.conv2.bias"):

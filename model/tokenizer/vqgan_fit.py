@@ -287,21 +287,27 @@ class _LocalEncoder:
     13 codes per position among the 16 of one background). Here the middle blocks' convs and ``conv_out``
     keep only their centre tap and the attention's output projection stays zero, so a code reads its patch
     and the ~8 pixels around it (``conv_in`` and the downsampling convs); the saved weights are taming's own
-    3x3 kernels with zero outer taps. Masked gradients keep them zero under Adam."""
+    3x3 kernels with zero outer taps. Masked gradients keep them zero under Adam; ``release`` takes the
+    gradient hooks off again when the fit ends."""
 
     def __init__(self, encoder: nn.Module):
         mid = encoder.mid
         convs = [mid.block_1.conv1, mid.block_1.conv2, mid.block_2.conv1, mid.block_2.conv2, encoder.conv_out]
+        self.hooks = []
         with torch.no_grad():
             for conv in convs:
                 mask = torch.zeros_like(conv.weight)
                 kh, kw = mask.shape[-2:]
                 mask[..., kh // 2, kw // 2] = 1.0
                 conv.weight.mul_(mask)
-                conv.weight.register_hook(lambda g, m=mask: g * m)
+                self.hooks.append(conv.weight.register_hook(lambda g, m=mask: g * m))
             for t in (mid.attn_1.proj_out.weight, mid.attn_1.proj_out.bias):
                 t.zero_()
-                t.register_hook(torch.zeros_like)
+                self.hooks.append(t.register_hook(torch.zeros_like))
+
+    def release(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 def _nearest(z_flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -323,8 +329,7 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
     paired = _PairedDecoderOutput(model.decoder, cfg.paired_out) if cfg.paired_out else None
     stream = _MeanOnlyStream(model.encoder) if cfg.encoder_mean_only else None
     dstream = _MeanOnlyStream(model.decoder) if cfg.decoder_mean_only else None
-    if cfg.local_codes:
-        _LocalEncoder(model.encoder)
+    local = _LocalEncoder(model.encoder) if cfg.local_codes else None
     model.train().requires_grad_(True)
     model.use_channels_last(True)  # on CPU the convolutions (forward and backward) run faster in NHWC
     codebook = model.quantize.embedding.weight
@@ -403,6 +408,8 @@ def fit_vqgan(model: VQGAN, images: list[torch.Tensor], cfg: FitConfig = FitConf
         reps = -(-n_embed // k)
         codebook[k:] = codebook[:k].repeat(reps, 1)[:n_embed - k]
     model.eval().requires_grad_(False).use_channels_last(False)
+    if local is not None:
+        local.release()
     if dstream is not None:  # first, while the encoder still gives the latents the decoder was fitted to
         q = model.quantize
         latents = [model.post_quant_conv(q.embed(q.codes(encode(img[None])))) for img in images]
